@@ -1,0 +1,498 @@
+"""Batch generation over a dataset with Ray Data: one InstructionGenerator per actor.
+
+read (JSON/JSONL/Parquet files or a Hugging Face dataset) -> validate each row ->
+``map_batches`` on an actor pool -> one JSONL or Parquet file written by the driver,
+in input order. Every input row becomes exactly one output row: a row that cannot be
+prompted gets an ``error`` and no response instead of failing the job.
+
+Each row travels as its original record in JSON text (``__record``) beside the
+validated request, so a column of mixed types (a number where the other rows have
+text) never breaks Arrow's one-type-per-column rule inside the pipeline; the record is
+expanded back into columns only when written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from dolly_ray import data, prompts
+from dolly_ray.data import Columns, DataError
+
+# What each output row gains; an input column with one of these names is kept as original_<name>.
+RESULT_SCHEMA = pa.schema(
+    [
+        ("response", pa.string()),
+        ("finish_reason", pa.string()),
+        ("num_prompt_tokens", pa.int64()),
+        ("num_generated_tokens", pa.int64()),
+        ("truncated", pa.bool_()),
+        ("error", pa.string()),
+    ]
+)
+OUTPUT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}  # .json gets JSON lines too
+# Default rows per actor call, in generation batches: length sorting happens within a
+# call, so a few batches' worth lets it group similar lengths.
+SORT_WINDOW = 4
+
+_REQUEST_SCHEMA = pa.schema(
+    [("__record", pa.string()), ("__instruction", pa.string()), ("__input", pa.string()), ("__error", pa.string())]
+)
+
+
+class BatchError(ValueError):
+    """A job that cannot start: bad arguments, a missing model or input."""
+
+
+@dataclass
+class BatchConfig:
+    """One batch-generation job; the CLI flags fill it one to one."""
+
+    model: str
+    input: str
+    output: str
+    columns: str = "alpaca"  # a schema name or instruction=A,input=B (an output= part is ignored)
+    split: str = "train"  # the split of a Hugging Face dataset
+    output_format: str | None = None  # jsonl or parquet; None: from the output's extension
+    num_actors: int = 1
+    num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    num_cpus_per_actor: float = 1.0
+    batch_size: int = 16  # prompts per model.generate call
+    max_batch_tokens: int | None = None  # also caps rows x padded length per call (long prompts: fewer rows)
+    rows_per_call: int | None = None  # rows per actor call, length-sorted within; None: SORT_WINDOW x batch_size
+    max_new_tokens: int = 256
+    greedy: bool = False
+    temperature: float = 1.0
+    top_p: float = 0.92
+    top_k: int = 0
+    seed: int | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def params(self):
+        from dolly_ray.generation import GenerationParams
+
+        return GenerationParams(
+            max_new_tokens=self.max_new_tokens,
+            greedy=self.greedy,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+        )
+
+
+def input_columns(spec: str | Columns) -> Columns:
+    """The instruction/input columns: a schema name (alpaca, dolly) or ``instruction=A,input=B``.
+
+    Unlike training, no output column is needed; one named anyway is ignored so a
+    training mapping can be reused. ``input=`` with no name means there is no input.
+    """
+    if isinstance(spec, Columns):
+        return Columns(spec.instruction, spec.input, None)
+    if spec in data.SCHEMAS:
+        return Columns(data.SCHEMAS[spec].instruction, data.SCHEMAS[spec].input, None)
+    names: dict[str, str | None] = {}
+    for part in spec.split(","):
+        role, sep, name = (s.strip() for s in part.partition("="))
+        if not sep or role not in ("instruction", "input", "output"):
+            raise DataError(
+                f"bad column mapping {spec!r}; use a schema ({', '.join(sorted(data.SCHEMAS))}) "
+                "or instruction=A,input=B"
+            )
+        names[role] = name or None
+    if not names.get("instruction"):
+        raise DataError(f"column mapping {spec!r} must name the instruction column")
+    return Columns(names["instruction"], names.get("input", "input"), None)
+
+
+# --- reading ----------------------------------------------------------------------
+
+
+def _requests(records: list[Any], columns: Columns) -> pa.Table:
+    """The pipeline's rows for raw records: the record as JSON, its request, or why there is none."""
+    texts, instructions, inputs, errors = [], [], [], []
+    for record in records:
+        if isinstance(record, data._Unparseable):
+            texts.append("{}")
+            instructions.append(None)
+            inputs.append(None)
+            errors.append(f"{record.reason}: {record.detail}")
+            continue
+        texts.append(json.dumps(record if isinstance(record, dict) else {"value": record}, ensure_ascii=False, default=str))
+        checked = data.validate_record(record, columns)
+        failed = bool(checked["skip_reason"])
+        instructions.append(None if failed else checked["instruction"])
+        inputs.append(None if failed else checked["input"])
+        errors.append(f"{checked['skip_reason']}: {checked['skip_detail']}" if failed else None)
+    return pa.Table.from_arrays(
+        [pa.array(texts), pa.array(instructions, pa.string()), pa.array(inputs, pa.string()), pa.array(errors, pa.string())],
+        schema=_REQUEST_SCHEMA,
+    )
+
+
+def _parse_files(files: dict[str, np.ndarray], columns: Columns) -> Iterator[pa.Table]:
+    """map_batches over (path, bytes) rows of JSON, JSONL or Parquet files."""
+    for path, blob in zip(files["path"], files["bytes"]):
+        records = []
+        for _, record in data._parse_file(str(path), blob):
+            records.append(record)
+            if len(records) == data._ROWS_PER_BLOCK:
+                yield _requests(records, columns)
+                records = []
+        if records:
+            yield _requests(records, columns)
+
+
+def _arrow_requests(batch: pa.Table, columns: Columns) -> pa.Table:
+    return _requests(batch.to_pylist(), columns)
+
+
+def read_requests(source: str, columns: Columns, split: str = "train"):
+    """A Ray Dataset of the pipeline's rows, one per input record, in input order."""
+    import ray.data
+
+    if data._is_hub_id(source) or data._is_saved_hf_dataset(source):
+        table = _load_hf_table(source, split)
+        return ray.data.from_arrow(table).map_batches(
+            _arrow_requests, fn_kwargs={"columns": columns}, batch_format="pyarrow"
+        )
+    suffix = PurePosixPath(source).suffix.lower()
+    if suffix and suffix not in data.FILE_FORMATS and not os.path.isdir(source):
+        raise DataError(f"{source}: unsupported file type {suffix!r}; expected one of {data.FILE_FORMATS}")
+    try:
+        files = ray.data.read_binary_files(
+            source, include_paths=True, file_extensions=[ext.lstrip(".") for ext in data.FILE_FORMATS]
+        )
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {source}: {e}") from None
+    return files.map_batches(_parse_files, fn_kwargs={"columns": columns}, batch_size=1)
+
+
+def _load_hf_table(source: str, split: str) -> pa.Table:
+    """One split of a hub dataset or a ``datasets`` directory, as Arrow (memory-mapped)."""
+    import datasets
+
+    try:
+        if data._is_saved_hf_dataset(source):
+            dataset = datasets.load_from_disk(source)
+        else:
+            dataset = datasets.load_dataset(source, split=split)
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise DataError(f"{source} has splits {list(dataset)}, not {split!r}")
+            dataset = dataset[split]
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types for "not found / not loadable"
+        raise DataError(f"cannot load dataset {source!r}: {type(e).__name__}: {e}") from None
+    return dataset.with_format("arrow")[:]
+
+
+# --- generating -------------------------------------------------------------------
+
+
+class Generate:
+    """map_batches callable: loads the model once per actor, then generates batch after batch."""
+
+    def __init__(self, config: BatchConfig, device: str):
+        from dolly_ray.generation import InstructionGenerator
+
+        self.generator = InstructionGenerator.from_pretrained(
+            config.model, device=device, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle
+        )
+        self.config, self.params = config, config.params()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        errors = batch["__error"].to_pylist()
+        good = [i for i, error in enumerate(errors) if error is None]
+        instructions, inputs = batch["__instruction"].to_pylist(), batch["__input"].to_pylist()
+        results = self.generator.generate(
+            [(instructions[i], inputs[i]) for i in good],
+            self.params,
+            batch_size=self.config.batch_size,
+            max_batch_tokens=self.config.max_batch_tokens,
+        )
+        columns: dict[str, list] = {name: [None] * batch.num_rows for name in RESULT_SCHEMA.names}
+        columns["error"] = errors
+        for i, result in zip(good, results):
+            columns["response"][i] = result.response
+            columns["finish_reason"][i] = result.finish_reason
+            columns["num_prompt_tokens"][i] = result.num_prompt_tokens
+            columns["num_generated_tokens"][i] = result.num_generated_tokens
+            columns["truncated"][i] = result.truncated
+        out = pa.Table.from_pydict(columns, schema=RESULT_SCHEMA)
+        return out.add_column(0, "__record", batch["__record"])
+
+
+# --- writing ----------------------------------------------------------------------
+
+
+def _as_text(values: list) -> pa.Array:
+    return pa.array([v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values], pa.string())
+
+
+def _infer_column(values: list) -> pa.Array:
+    """Arrow's own type when the values agree on one; else text (JSON for non-strings)."""
+    try:
+        array = pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return _as_text(values)
+    return _as_text(values) if pa.types.is_null(array.type) else array
+
+
+def _rows(batch: pa.Table) -> tuple[list[str], list[dict]]:
+    """The original records of an output batch, with result-name clashes renamed."""
+    records = [json.loads(text) for text in batch["__record"].to_pylist()]
+    names: dict[str, None] = {}
+    for record in records:
+        for name in list(record):
+            if name in RESULT_SCHEMA.names:
+                record[f"original_{name}"] = record.pop(name)
+        names.update(dict.fromkeys(record))
+    return list(names), records
+
+
+class _JsonlWriter:
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, batch: pa.Table) -> None:
+        _, records = _rows(batch)
+        results = batch.select(RESULT_SCHEMA.names).to_pylist()
+        lines = (json.dumps({**record, **result}, ensure_ascii=False) + "\n" for record, result in zip(records, results))
+        self.stream.write("".join(lines).encode("utf-8"))
+
+    def close(self) -> None:
+        pass
+
+
+class _ParquetWriter:
+    """One Parquet file; the first batch fixes the schema, later batches must fit it."""
+
+    def __init__(self, stream):
+        self.stream, self.writer, self.rows = stream, None, 0
+
+    def write(self, batch: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        if batch.num_rows == 0:
+            return
+        names, records = _rows(batch)
+        if self.writer is None:
+            arrays = [_infer_column([r.get(n) for r in records]) for n in names]
+            originals = pa.Table.from_arrays(arrays, names=names) if names else pa.table({})
+            self.writer = pq.ParquetWriter(self.stream, pa.unify_schemas([originals.schema, RESULT_SCHEMA]))
+        schema = self.writer.schema
+        unknown = [n for n in names if n not in schema.names]
+        if unknown:
+            raise DataError(
+                f"column(s) {unknown} first appear after row {self.rows}; Parquet needs one schema "
+                "for the whole file: write JSONL (.jsonl) instead"
+            )
+        originals = [field for field in schema if field.name not in RESULT_SCHEMA.names]
+        arrays = [self._column(field, [r.get(field.name) for r in records]) for field in originals]
+        arrays += [batch[name].combine_chunks() for name in RESULT_SCHEMA.names]
+        self.writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+        self.rows += batch.num_rows
+
+    def _column(self, field: pa.Field, values: list) -> pa.Array:
+        try:
+            return pa.array(values, field.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            if pa.types.is_string(field.type):
+                return _as_text(values)
+            raise DataError(
+                f"column {field.name!r} changes type after row {self.rows} (it was {field.type}); "
+                "write JSONL (.jsonl) instead"
+            ) from None
+
+    def close(self) -> None:
+        import pyarrow.parquet as pq
+
+        if self.writer is None:  # no rows at all: still a valid, empty Parquet file
+            self.writer = pq.ParquetWriter(self.stream, RESULT_SCHEMA)
+        self.writer.close()
+
+
+def output_format(config: BatchConfig) -> str:
+    if config.output_format:
+        if config.output_format not in ("jsonl", "parquet"):
+            raise BatchError(f"unknown output format {config.output_format!r}; use jsonl or parquet")
+        return config.output_format
+    suffix = PurePosixPath(config.output).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise BatchError(
+            f"cannot tell the output format from {config.output!r}; end it in .jsonl or .parquet or pass --output-format"
+        )
+    return OUTPUT_FORMATS[suffix]
+
+
+# --- the job ----------------------------------------------------------------------
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _looks_local(path: str) -> bool:
+    """A local path rather than a hub id: absolute, relative with ./, or with a file extension."""
+    return _is_local(path) and (
+        os.path.exists(path) or path.startswith(("/", ".", "~")) or not data._is_hub_id(path)
+    )
+
+
+def check(config: BatchConfig) -> Columns:
+    """Fail fast, before Ray starts or a model loads anywhere, on what can be checked here."""
+    columns = input_columns(config.columns)
+    output_format(config)
+    if min(config.num_actors, config.batch_size, config.rows_per_call or 1) < 1:
+        raise BatchError("--num-actors, --batch-size and --rows-per-call must be at least 1")
+    try:
+        config.params().validate()
+    except ValueError as e:
+        raise BatchError(str(e)) from None
+    if _looks_local(config.input) and not os.path.exists(config.input):
+        raise BatchError(f"input not found: {config.input}")
+    if _looks_local(config.model) and not os.path.isdir(config.model):
+        raise BatchError(f"model directory not found: {config.model}")
+    try:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+        prompts.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    except prompts.SpecialTokenError as e:
+        raise BatchError(str(e)) from None
+    except Exception as e:  # not found, offline, no config.json, remote code refused
+        raise BatchError(f"cannot load model {config.model!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    positions = getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
+    if positions is not None and config.max_new_tokens >= positions - 1:
+        raise BatchError(f"--max-new-tokens {config.max_new_tokens} leaves no room for a prompt in {positions} positions")
+    return columns
+
+
+def _open_output(path: str):
+    from pyarrow import fs
+
+    filesystem, where = fs.FileSystem.from_uri(os.path.abspath(path) if _is_local(path) else path)
+    parent = PurePosixPath(where).parent
+    if str(parent) not in ("", "."):
+        filesystem.create_dir(str(parent), recursive=True)
+    return filesystem, where
+
+
+def run(config: BatchConfig) -> dict[str, Any]:
+    """Generate a response for every input row and write them; return the job's summary.
+
+    Joins the Ray cluster this process already uses, or ``ray.init()`` (which joins
+    RAY_ADDRESS's cluster when set, as under ``ray job submit``, else starts a local one).
+    """
+    import ray
+    import ray.data
+
+    columns = check(config)
+    fmt = output_format(config)
+    if not ray.is_initialized():
+        ray.init()
+    num_gpus = config.num_gpus_per_actor
+    if num_gpus is None:
+        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    rows_per_call = config.rows_per_call or config.batch_size * SORT_WINDOW
+    _warn_if_no_cpu_left(config.num_actors * config.num_cpus_per_actor)
+
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # the output file follows the input
+    try:
+        # Blocks of rows_per_call rows, so that every actor gets a share of even one file.
+        requests = read_requests(config.input, columns, config.split).repartition(target_num_rows_per_block=rows_per_call)
+        dataset = requests.map_batches(
+            Generate,
+            fn_constructor_args=(config, "cuda" if num_gpus > 0 else "cpu"),
+            batch_size=rows_per_call,
+            batch_format="pyarrow",
+            # One call in flight per actor: calls are long, and a second one queued on a
+            # busy actor could have run on an idle one.
+            compute=ray.data.ActorPoolStrategy(size=config.num_actors, max_tasks_in_flight_per_actor=1),
+            num_gpus=num_gpus,
+            num_cpus=config.num_cpus_per_actor,
+            udf_modifying_row_count=False,
+        )
+        return _write(dataset, config.output, fmt)
+    finally:
+        context.execution_options.preserve_order = preserve_order
+
+
+def _write(dataset, output: str, fmt: str) -> dict[str, Any]:
+    """Stream the output blocks into one file (renamed into place once complete) and count."""
+    summary = {"rows": 0, "errors": 0, "stopped": 0, "truncated": 0, "prompt_tokens": 0, "generated_tokens": 0}
+    first_error = None
+    filesystem, where = _open_output(output)
+    partial = where + ".partial"
+    start = time.perf_counter()
+    try:
+        with filesystem.open_output_stream(partial) as stream:
+            writer = _JsonlWriter(stream) if fmt == "jsonl" else _ParquetWriter(stream)
+            for batch in _batches(dataset):
+                writer.write(batch)
+                errors = batch["error"].to_pylist()
+                if first_error is None:
+                    at = next((i for i, e in enumerate(errors) if e is not None), None)
+                    if at is not None:
+                        first_error = f"row {summary['rows'] + at + 1}: {errors[at]}"
+                summary["rows"] += batch.num_rows
+                summary["errors"] += sum(e is not None for e in errors)
+                summary["stopped"] += batch["finish_reason"].to_pylist().count("stop")
+                summary["truncated"] += sum(bool(t) for t in batch["truncated"].to_pylist())
+                summary["prompt_tokens"] += sum(n or 0 for n in batch["num_prompt_tokens"].to_pylist())
+                summary["generated_tokens"] += sum(n or 0 for n in batch["num_generated_tokens"].to_pylist())
+            writer.close()
+    except BaseException:
+        filesystem.delete_file(partial)  # no half-written output that looks complete
+        raise
+    filesystem.move(partial, where)
+    seconds = time.perf_counter() - start
+    summary.update(
+        seconds=round(seconds, 3),
+        tokens_per_s=round(summary["generated_tokens"] / seconds, 2) if seconds > 0 else None,
+        first_error=first_error,
+        output=output,
+    )
+    return summary
+
+
+def _warn_if_no_cpu_left(actor_cpus: float) -> None:
+    """Reading and splitting the input run as one-CPU tasks: with every CPU held by an
+    actor they never start and the job waits for ever (unless the cluster autoscales)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    if total - actor_cpus < 1:
+        print(
+            f"warning: the actors take {actor_cpus:g} of the cluster's {total:g} CPUs, leaving less than one "
+            "for reading the input; unless the cluster adds nodes the job will not progress. "
+            "Lower --num-cpus-per-actor (fractions are fine) or --num-actors.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _batches(dataset) -> Iterator[pa.Table]:
+    """Output blocks in order, with a DataError raised in a worker re-raised as itself."""
+    try:
+        yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+    except Exception as e:
+        cause = e
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__ or getattr(cause, "cause", None)
+        if cause is not None:
+            raise DataError(str(cause)) from None
+        raise

@@ -1,0 +1,108 @@
+"""What every entry point in jobs/ shares: config flags from dataclasses, YAML, errors, Ray.
+
+Flags are generated from the config dataclass, so a new config field is a new flag
+with its help and default, and ``--help`` can never drift from the code.
+Precedence: dataclass defaults < ``--config`` YAML < explicit flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+_SCALAR_TYPES = {"int": int, "float": float, "str": str}
+
+
+class ConfigError(ValueError):
+    """A bad flag, YAML file or config value."""
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One ``--flag-name`` per dataclass field, defaulting to None so YAML can fill it."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the options below (flags win)")
+    for f in dataclasses.fields(config_class):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = f"{f.metadata.get('help', '')} (default: {json.dumps(default)})"
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind in ("dict", "list"):
+            parser.add_argument(flag, type=_json_of(kind), default=None, metavar="JSON", help=help_text)
+        else:
+            parser.add_argument(flag, type=_SCALAR_TYPES[kind], default=None, help=help_text)
+
+
+def _json_of(kind: str) -> Callable[[str], Any]:
+    def parse(text: str):
+        value = json.loads(text)
+        if type(value).__name__ != kind:
+            raise ValueError(f"expected a JSON {kind}")
+        return value
+
+    parse.__name__ = f"JSON {kind}"
+    return parse
+
+
+def config_from_args(config_class: type, args: argparse.Namespace):
+    """The config: defaults, then the YAML file, then the flags given on the command line."""
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(load_yaml(args.config))
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown option(s) {unknown}")
+    values.update({name: getattr(args, name) for name in known if getattr(args, name) is not None})
+    try:
+        return config_class(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of option: value, not a {type(values).__name__}")
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run an entry point: user errors become one line on stderr and exit status 2."""
+    from ray.train import TrainingFailedError
+
+    from dolly_ray.data import DataError
+    from dolly_ray.prompts import SpecialTokenError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        main()
+    except (ConfigError, DataError, SpecialTokenError, ValueError, FileNotFoundError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingFailedError as e:
+        print(f"error: training failed: {' '.join(str(e).split())[:2000]}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

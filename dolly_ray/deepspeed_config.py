@@ -1,0 +1,109 @@
+"""DeepSpeed ZeRO-3 presets as data, and the one function that completes them.
+
+A preset says what a kind of GPU can do (precision, what to offload); the training
+run adds what only it knows (batch sizes, world size, learning-rate schedule), so the
+finished config has nothing left as "auto": there is no Hugging Face Trainer here to
+fill it in.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+_ZERO3 = {
+    "stage": 3,
+    "overlap_comm": True,
+    "contiguous_gradients": True,
+    "reduce_bucket_size": 5e7,
+    "stage3_prefetch_bucket_size": 5e7,
+    "stage3_param_persistence_threshold": 1e5,
+    "stage3_max_live_parameters": 1e9,
+    "stage3_max_reuse_distance": 1e9,
+    # Lets the final save gather a 16-bit model for Hugging Face.
+    "stage3_gather_16bit_weights_on_model_save": True,
+}
+_OFFLOAD_OPTIMIZER = {"offload_optimizer": {"device": "cpu", "pin_memory": True}}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 8x A100 40/80 GB: everything on the GPUs.
+    "a100": {"bf16": {"enabled": True}, "zero_optimization": _ZERO3},
+    # A10/A10G 24 GB: bf16 works, but Adam state for 6B parameters does not fit.
+    "a10": {"bf16": {"enabled": True}, "zero_optimization": {**_ZERO3, **_OFFLOAD_OPTIMIZER}},
+    # V100: no bf16, so fp16 with dynamic loss scaling, and the optimizer on the CPU.
+    "v100": {
+        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_optimization": {**_ZERO3, **_OFFLOAD_OPTIMIZER},
+    },
+    # Tests and the demo: fp32 ZeRO-3 over gloo, with torch's AdamW (DeepSpeed's own
+    # Adam kernels need CUDA or a compiled CPU op).
+    "cpu": {"zero_optimization": {**_ZERO3, "overlap_comm": False}, "client_optimizer": True},
+}
+
+GPU_PRESETS = ("a100", "a10", "v100")
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Recursively merge ``overrides`` over ``base`` (a new dict; neither is changed)."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def uses_client_optimizer(preset: str) -> bool:
+    """Whether the training loop must build a torch optimizer instead of DeepSpeed's."""
+    return bool(PRESETS[preset].get("client_optimizer"))
+
+
+def build(
+    preset: str,
+    *,
+    world_size: int,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    learning_rate: float,
+    weight_decay: float,
+    warmup_steps: int,
+    total_steps: int,
+    overrides: dict | None = None,
+) -> dict[str, Any]:
+    """The complete DeepSpeed config for one run: preset, then run values, then user overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    config = {k: v for k, v in PRESETS[preset].items() if k != "client_optimizer"}
+    config.update(
+        {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": gradient_accumulation_steps,
+            "gradient_clipping": 1.0,
+            "steps_per_print": 10**9,  # progress goes through ray.train.report instead
+            "wall_clock_breakdown": False,
+            "scheduler": {
+                "type": "WarmupDecayLR",
+                "params": {
+                    "warmup_min_lr": 0.0,
+                    "warmup_max_lr": learning_rate,
+                    "warmup_num_steps": warmup_steps,
+                    "total_num_steps": max(total_steps, warmup_steps + 1),
+                    "warmup_type": "linear",
+                },
+            },
+        }
+    )
+    if not uses_client_optimizer(preset):
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": learning_rate, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": weight_decay},
+        }
+    config = merge(config, overrides or {})
+    batch = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * world_size
+    if config.setdefault("train_batch_size", batch) != batch:
+        raise ValueError(
+            f"train_batch_size {config['train_batch_size']} != micro batch "
+            f"{config['train_micro_batch_size_per_gpu']} x accumulation {config['gradient_accumulation_steps']} x {world_size} workers"
+        )
+    return config

@@ -1,0 +1,72 @@
+"""Tiny local stand-ins for GPT-J and its tokenizer, for tests, benchmarks and the demo.
+
+Both are written with ``save_pretrained`` so every code path loads them with
+``from_pretrained(path)`` exactly as it would load ``EleutherAI/gpt-j-6B``; nothing
+here touches the network.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+from dolly_ray import prompts, tasks
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def build_tokenizer(path: str | Path, vocab_size: int = 400, corpus: list[str] | None = None):
+    """Train a byte-level BPE tokenizer on the prompt template and task phrasings.
+
+    Like GPT-J's, it has an eos token, no pad token and none of the prompt keys: the
+    project adds those itself. Merges come from the fixed wording, so the random words
+    inside tasks stay close to one token per letter, which a tiny model can learn from.
+    An extra ``corpus`` (real English, say) gives GPT-J-like compression instead.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    wording = [text.format_map(collections.defaultdict(str)) for text in tasks.WORDING.values()]
+    corpus = list(corpus or []) + ([prompts.INTRO_BLURB, prompts.INPUT_KEY] + wording) * 20
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        model_max_length=2048,
+    )
+    tokenizer.save_pretrained(str(path))
+    return tokenizer
+
+
+def build_model(
+    path: str | Path,
+    *,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    head_dim: int = 32,
+    n_positions: int = 2048,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Write a randomly initialised GPT-J and a tiny tokenizer to ``path`` (safetensors)."""
+    import torch
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    path = Path(path)
+    tokenizer = build_tokenizer(path)
+    config = GPTJConfig(
+        vocab_size=max(vocab_size, len(tokenizer)),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_embd // head_dim,
+        rotary_dim=min(16, head_dim),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    GPTJForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
+    return path

@@ -1,0 +1,187 @@
+"""The Ray Data batch-generation job: every input row out, bad rows flagged, JSONL and Parquet."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from dolly_ray import batch
+from dolly_ray.data import Columns, DataError
+from dolly_ray.generation import GenerationParams, InstructionGenerator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB = os.path.join(ROOT, "jobs", "batch_generate.py")
+
+# (record, expected error prefix or None for a good row)
+ROWS = [
+    ({"instruction": "Reverse the letters of the word.", "input": "abc", "id": 1}, None),
+    ({"input": "no instruction here", "id": 2}, "missing_instruction"),
+    ({"instruction": None, "id": 3}, "null_instruction"),
+    ({"instruction": 42, "id": 4}, "non_string_instruction"),
+    ({"instruction": "", "id": 5}, "empty_instruction"),
+    ({"instruction": "What is 2 plus 3?", "id": 6, "response": "5"}, None),
+    ({"instruction": "Sort the numbers.", "input": 7, "id": 7}, "non_string_input"),
+    ({"instruction": "Convert the text to uppercase.", "input": "ab cd", "id": 8}, None),
+]
+PARAMS = dict(greedy=True, max_new_tokens=6, batch_size=2, num_actors=1, num_cpus_per_actor=1)
+
+
+def _write_jsonl(path, rows, rename=None):
+    rename = rename or {}
+    with open(path, "w") as f:
+        for record, _ in rows:
+            f.write(json.dumps({rename.get(k, k): v for k, v in record.items()}) + "\n")
+        f.write("this line is not JSON\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir):
+    """What InstructionGenerator answers for the good rows, one at a time."""
+    generator = InstructionGenerator.from_pretrained(tiny_model_dir)
+    params = GenerationParams(greedy=True, max_new_tokens=PARAMS["max_new_tokens"])
+    return {
+        record["id"]: generator.generate([(record["instruction"], record.get("input"))], params)[0]
+        for record, error in ROWS
+        if error is None
+    }
+
+
+def _check(rows_out, expected):
+    assert len(rows_out) == len(ROWS) + 1  # the unparseable line is a row too
+    for out, (record, error) in zip(rows_out, ROWS):
+        assert out["id"] == record["id"]  # input order
+        if error is None:
+            want = expected[record["id"]]
+            assert out["error"] is None
+            assert out["response"] == want.response
+            assert out["finish_reason"] == want.finish_reason
+            assert out["num_prompt_tokens"] == want.num_prompt_tokens
+            assert out["num_generated_tokens"] == want.num_generated_tokens
+        else:
+            assert out["error"].startswith(error), out
+            assert out["response"] is None and out["num_generated_tokens"] is None
+    assert rows_out[-1]["error"].startswith("malformed_json")
+
+
+def test_jsonl_in_jsonl_out(ray_local, tiny_model_dir, tmp_path, expected):
+    source = _write_jsonl(tmp_path / "in.jsonl", ROWS)
+    output = tmp_path / "out" / "responses.jsonl"
+    summary = batch.run(batch.BatchConfig(model=tiny_model_dir, input=source, output=str(output), **PARAMS))
+    rows_out = [json.loads(line) for line in output.read_text().splitlines()]
+    _check(rows_out, expected)
+    assert rows_out[3]["instruction"] == 42  # the original value, untouched
+    assert rows_out[5]["original_response"] == "5"  # an input column named like a result is kept aside
+    assert summary["rows"] == 9 and summary["errors"] == 6 and summary["output"] == str(output)
+    assert summary["generated_tokens"] == sum(r.num_generated_tokens for r in expected.values())
+    assert summary["tokens_per_s"] > 0
+    assert not os.path.exists(str(output) + ".partial")
+
+
+def test_column_mapping_and_parquet_out(ray_local, tiny_model_dir, tmp_path, expected):
+    source = _write_jsonl(tmp_path / "in.jsonl", ROWS, rename={"instruction": "prompt", "input": "context"})
+    output = tmp_path / "responses.parquet"
+    summary = batch.run(
+        batch.BatchConfig(
+            model=tiny_model_dir, input=source, output=str(output), columns="instruction=prompt,input=context", **PARAMS
+        )
+    )
+    table = pq.read_table(output)
+    rows_out = table.to_pylist()
+    _check(rows_out, expected)
+    assert rows_out[3]["prompt"] == "42"  # a mixed-type column becomes text in Parquet
+    assert str(table.schema.field("num_generated_tokens").type) == "int64"
+    assert summary["rows"] == 9 and summary["errors"] == 6
+
+
+def test_saved_hf_dataset_in(ray_local, tiny_model_dir, tmp_path, expected):
+    import datasets
+
+    good = [record for record, error in ROWS if error is None]
+    records = good + [{"instruction": None, "input": None, "id": 99}]
+    datasets.Dataset.from_list([{**r, "input": r.get("input"), "response": r.get("response")} for r in records]).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    output = tmp_path / "out.data"
+    summary = batch.run(
+        batch.BatchConfig(model=tiny_model_dir, input=str(tmp_path / "ds"), output=str(output), output_format="jsonl", **PARAMS)
+    )
+    rows_out = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["id"] for r in rows_out] == [r["id"] for r in records]
+    assert [r["response"] for r in rows_out[:-1]] == [expected[r["id"]].response for r in good]
+    assert rows_out[-1]["error"].startswith("null_instruction") and rows_out[-1]["response"] is None
+    assert summary["errors"] == 1
+
+
+def test_input_columns():
+    assert batch.input_columns("alpaca") == Columns("instruction", "input", None)
+    assert batch.input_columns("dolly") == Columns("instruction", "context", None)
+    assert batch.input_columns("instruction=prompt,input=context") == Columns("prompt", "context", None)
+    assert batch.input_columns("instruction=q,input=") == Columns("q", None, None)
+    assert batch.input_columns("instruction=q,input=c,output=a") == Columns("q", "c", None)
+    for bad in ("prompt", "input=context", "instruction=q,answer=a"):
+        with pytest.raises(DataError):
+            batch.input_columns(bad)
+
+
+def test_check_refuses_bad_jobs_before_ray(tiny_model_dir, tmp_path):
+    source = _write_jsonl(tmp_path / "in.jsonl", ROWS)
+    ok = dict(model=tiny_model_dir, input=source, output=str(tmp_path / "o.jsonl"))
+    batch.check(batch.BatchConfig(**ok))
+    bad = [
+        (dict(input=str(tmp_path / "missing.jsonl")), "input not found"),
+        (dict(model=str(tmp_path / "no-model")), "model directory not found"),
+        (dict(output=str(tmp_path / "o.csv")), "output format"),
+        (dict(max_new_tokens=5000), "no room"),
+        (dict(temperature=0.0), "temperature"),
+    ]
+    for change, message in bad:
+        with pytest.raises(batch.BatchError, match=message):
+            batch.check(batch.BatchConfig(**{**ok, **change}))
+
+
+def _run_job(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, JOB, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_help_lists_every_flag_with_its_default():
+    done = _run_job("--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    for flag in (
+        "--model", "--input", "--output", "--columns", "--num-actors", "--num-gpus-per-actor", "--batch-size",
+        "--max-new-tokens", "--greedy", "--temperature", "--top-p", "--top-k", "--seed", "--trust-remote-code",
+        "--allow-pickle",
+    ):
+        assert flag in text
+    entries = re.split(r"\n  (?=-)", done.stdout.split("options:")[1])
+    for entry in entries[1:]:  # [0] is empty, then -h, then the flags
+        assert entry.startswith("-h") or "(default:" in entry, entry
+    assert len(entries) >= 20
+    assert "--top-p TOP_P nucleus sampling threshold (default: 0.92)" in text
+    assert "--max-new-tokens MAX_NEW_TOKENS longest response, in tokens (default: 256)" in text
+
+
+def test_bad_arguments_are_one_line_errors(tiny_model_dir, tmp_path):
+    source = _write_jsonl(tmp_path / "in.jsonl", ROWS)
+    for args, message in [
+        (["--model", tiny_model_dir, "--input", str(tmp_path / "nope.jsonl")], "input not found"),
+        (["--model", str(tmp_path / "nope"), "--input", source], "model directory not found"),
+    ]:
+        done = _run_job(*args, "--output", str(tmp_path / "o.jsonl"))
+        assert done.returncode != 0
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_warns_when_actors_leave_no_cpu_for_reading(ray_local, capsys):
+    batch._warn_if_no_cpu_left(1)
+    assert "warning" not in capsys.readouterr().err
+    batch._warn_if_no_cpu_left(2)
+    assert "leaving less than one for reading" in capsys.readouterr().err

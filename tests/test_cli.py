@@ -1,0 +1,88 @@
+"""Entry points: flags generated from the config, YAML precedence, one-line errors."""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dolly_ray import cli, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    cli.add_config_flags(parser, train.TrainConfig)
+    return cli.config_from_args(train.TrainConfig, parser.parse_args(argv))
+
+
+def test_defaults_are_the_real_thing():
+    config = _parse([])
+    assert (config.model, config.dataset, config.preset, config.use_gpu) == ("EleutherAI/gpt-j-6B", "tatsu-lab/alpaca", "a100", True)
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: cpu\nnum-workers: 2\nlearning_rate: 0.001\ndeepspeed:\n  gradient_clipping: 0.5\n")
+    config = _parse(["--config", str(path), "--num-workers", "3", "--no-strict-data"])
+    assert config.preset == "cpu" and config.use_gpu is False
+    assert config.num_workers == 3 and config.learning_rate == 0.001
+    assert config.deepspeed == {"gradient_clipping": 0.5}
+    assert _parse(["--deepspeed", '{"gradient_clipping": 2}', "--preset", "v100"]).deepspeed == {"gradient_clipping": 2}
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("preset: [cpu\n", "is not valid YAML"),
+        ("- cpu\n", "must hold a mapping"),
+        ("presett: cpu\n", "unknown option(s) ['presett']"),
+    ],
+)
+def test_bad_yaml_is_a_config_error(tmp_path, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(cli.ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        _parse(["--config", str(path)])
+
+
+def _run_job(*args, timeout=180):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "train.py"), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_help_lists_every_flag_with_its_default():
+    result = _run_job("--help")
+    assert result.returncode == 0
+    help_text = "".join(result.stdout.split())  # argparse wraps lines, even inside values
+    for flag in ("--model", "--dataset", "--preset", "--num-workers", "--use-gpu", "--storage-path", "--name", "--epochs", "--max-steps", "--max-length", "--config"):
+        assert flag in help_text
+    for default in ('"EleutherAI/gpt-j-6B"', '"tatsu-lab/alpaca"', '"a100"'):
+        assert f"(default:{default})" in help_text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "h100"], "error: unknown preset 'h100'"),
+        (["--preset", "cpu", "--use-gpu"], "error: preset 'cpu' is for CPU-only runs"),
+        (["--config", "no-such-file.yaml"], "error: cannot read config no-such-file.yaml"),
+    ],
+)
+def test_bad_arguments_print_one_line(args, message):
+    result = _run_job(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith(message)
+
+
+def test_missing_dataset_prints_one_line(tmp_path, tiny_model_dir):
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    result = subprocess.run(
+        [sys.executable, "jobs/train.py", "--preset", "cpu", "--model", tiny_model_dir, "--dataset", str(tmp_path / "absent.jsonl"), "--storage-path", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "absent.jsonl" in errors[0]
