@@ -13,6 +13,7 @@ expanded back into columns only when written.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Iterator
 
-import numpy as np
 import pyarrow as pa
 
 from dolly_ray import data, prompts
@@ -91,37 +91,18 @@ class BatchConfig:
 
 
 def input_columns(spec: str | Columns) -> Columns:
-    """The instruction/input columns: a schema name (alpaca, dolly) or ``instruction=A,input=B``.
-
-    Unlike training, no output column is needed; one named anyway is ignored so a
-    training mapping can be reused. ``input=`` with no name means there is no input.
-    """
-    if isinstance(spec, Columns):
-        return Columns(spec.instruction, spec.input, None)
-    if spec in data.SCHEMAS:
-        return Columns(data.SCHEMAS[spec].instruction, data.SCHEMAS[spec].input, None)
-    names: dict[str, str | None] = {}
-    for part in spec.split(","):
-        role, sep, name = (s.strip() for s in part.partition("="))
-        if not sep or role not in ("instruction", "input", "output"):
-            raise DataError(
-                f"bad column mapping {spec!r}; use a schema ({', '.join(sorted(data.SCHEMAS))}) "
-                "or instruction=A,input=B"
-            )
-        names[role] = name or None
-    if not names.get("instruction"):
-        raise DataError(f"column mapping {spec!r} must name the instruction column")
-    return Columns(names["instruction"], names.get("input", "input"), None)
+    """The instruction/input columns: a schema name (alpaca, dolly) or ``instruction=A,input=B``."""
+    return data.parse_columns(spec, require_output=False)
 
 
 # --- reading ----------------------------------------------------------------------
 
 
-def _requests(records: list[Any], columns: Columns) -> pa.Table:
+def _requests(source: str, rows: list[int], records: list[Any], columns: Columns) -> pa.Table:
     """The pipeline's rows for raw records: the record as JSON, its request, or why there is none."""
     texts, instructions, inputs, errors = [], [], [], []
     for record in records:
-        if isinstance(record, data._Unparseable):
+        if isinstance(record, data.Unparseable):
             texts.append("{}")
             instructions.append(None)
             inputs.append(None)
@@ -139,62 +120,9 @@ def _requests(records: list[Any], columns: Columns) -> pa.Table:
     )
 
 
-def _parse_files(files: dict[str, np.ndarray], columns: Columns) -> Iterator[pa.Table]:
-    """map_batches over (path, bytes) rows of JSON, JSONL or Parquet files."""
-    for path, blob in zip(files["path"], files["bytes"]):
-        records = []
-        for _, record in data._parse_file(str(path), blob):
-            records.append(record)
-            if len(records) == data._ROWS_PER_BLOCK:
-                yield _requests(records, columns)
-                records = []
-        if records:
-            yield _requests(records, columns)
-
-
-def _arrow_requests(batch: pa.Table, columns: Columns) -> pa.Table:
-    return _requests(batch.to_pylist(), columns)
-
-
 def read_requests(source: str, columns: Columns, split: str = "train"):
     """A Ray Dataset of the pipeline's rows, one per input record, in input order."""
-    import ray.data
-
-    if data._is_hub_id(source) or data._is_saved_hf_dataset(source):
-        table = _load_hf_table(source, split)
-        return ray.data.from_arrow(table).map_batches(
-            _arrow_requests, fn_kwargs={"columns": columns}, batch_format="pyarrow"
-        )
-    suffix = PurePosixPath(source).suffix.lower()
-    if suffix and suffix not in data.FILE_FORMATS and not os.path.isdir(source):
-        raise DataError(f"{source}: unsupported file type {suffix!r}; expected one of {data.FILE_FORMATS}")
-    try:
-        files = ray.data.read_binary_files(
-            source, include_paths=True, file_extensions=[ext.lstrip(".") for ext in data.FILE_FORMATS]
-        )
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {source}: {e}") from None
-    return files.map_batches(_parse_files, fn_kwargs={"columns": columns}, batch_size=1)
-
-
-def _load_hf_table(source: str, split: str) -> pa.Table:
-    """One split of a hub dataset or a ``datasets`` directory, as Arrow (memory-mapped)."""
-    import datasets
-
-    try:
-        if data._is_saved_hf_dataset(source):
-            dataset = datasets.load_from_disk(source)
-        else:
-            dataset = datasets.load_dataset(source, split=split)
-        if isinstance(dataset, datasets.DatasetDict):
-            if split not in dataset:
-                raise DataError(f"{source} has splits {list(dataset)}, not {split!r}")
-            dataset = dataset[split]
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types for "not found / not loadable"
-        raise DataError(f"cannot load dataset {source!r}: {type(e).__name__}: {e}") from None
-    return dataset.with_format("arrow")[:]
+    return data.read_raw(source, split, functools.partial(_requests, columns=columns))
 
 
 # --- generating -------------------------------------------------------------------

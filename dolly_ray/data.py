@@ -9,15 +9,15 @@ mode the first one stops the run with its source, row and field.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -54,7 +54,7 @@ class Columns:
 
     instruction: str = "instruction"
     input: str | None = "input"
-    output: str = "output"
+    output: str | None = "output"  # None: generation, which reads no response
 
 
 SCHEMAS = {
@@ -63,27 +63,31 @@ SCHEMAS = {
 }
 
 
-def parse_columns(spec: str | Columns) -> Columns:
+def parse_columns(spec: str | Columns, *, require_output: bool = True) -> Columns:
     """A schema name (``alpaca``, ``dolly``) or ``instruction=A,input=B,output=C``.
 
-    ``input=`` with no name means the records have no input column.
+    ``input=`` with no name means the records have no input column. Generation needs no
+    output column (``require_output=False``); one named anyway is ignored.
     """
     if isinstance(spec, Columns):
-        return spec
-    if spec in SCHEMAS:
-        return SCHEMAS[spec]
-    if "=" not in spec:
-        raise DataError(f"unknown column schema {spec!r}; use one of {sorted(SCHEMAS)} or instruction=A,input=B,output=C")
-    names: dict[str, str | None] = {}
-    for part in spec.split(","):
-        key, _, value = part.partition("=")
-        key, value = key.strip(), value.strip()
-        if key not in ("instruction", "input", "output"):
-            raise DataError(f"unknown column role {key!r} in {spec!r}; roles are instruction, input, output")
-        names[key] = value or None
-    if not names.get("instruction") or not names.get("output"):
-        raise DataError(f"column mapping {spec!r} must name both the instruction and the output column")
-    return Columns(names["instruction"], names.get("input", "input"), names["output"])
+        columns = spec
+    elif spec in SCHEMAS:
+        columns = SCHEMAS[spec]
+    else:
+        if "=" not in spec:
+            raise DataError(f"unknown column schema {spec!r}; use one of {sorted(SCHEMAS)} or instruction=A,input=B,output=C")
+        names: dict[str, str | None] = {}
+        for part in spec.split(","):
+            key, _, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            if key not in ("instruction", "input", "output"):
+                raise DataError(f"unknown column role {key!r} in {spec!r}; roles are instruction, input, output")
+            names[key] = value or None
+        if not names.get("instruction") or (require_output and not names.get("output")):
+            needed = "both the instruction and the output column" if require_output else "the instruction column"
+            raise DataError(f"column mapping {spec!r} must name {needed}")
+        columns = Columns(names["instruction"], names.get("input", "input"), names.get("output") or "output")
+    return columns if require_output else Columns(columns.instruction, columns.input, None)
 
 
 @dataclass
@@ -100,6 +104,13 @@ class DataConfig:
 
 
 # --- validation -------------------------------------------------------------------
+
+
+class Unparseable(NamedTuple):
+    """A row of a file that could not even be decoded into a record."""
+
+    reason: str
+    detail: str
 
 
 def validate_record(record: Any, columns: Columns) -> dict[str, str]:
@@ -133,22 +144,17 @@ def validate_record(record: Any, columns: Columns) -> dict[str, str]:
     return out
 
 
-def _record_table(source: str, rows: list[int], records: list[dict[str, str]]) -> pa.Table:
-    columns = {name: [r[name] for r in records] for name in _RECORD_SCHEMA.names[2:]}
-    return pa.Table.from_pydict({"source": [source] * len(rows), "row": rows, **columns}, schema=_RECORD_SCHEMA)
-
-
-class _Unparseable(NamedTuple):
-    """A row of a file that could not even be decoded into a record."""
-
-    reason: str
-    detail: str
-
-
 def _validated(record: Any, columns: Columns) -> dict[str, str]:
-    if isinstance(record, _Unparseable):
+    if isinstance(record, Unparseable):
         return {"instruction": "", "input": "", "output": "", "skip_reason": record.reason, "skip_detail": record.detail}
     return validate_record(record, columns)
+
+
+def validated_table(source: str, rows: list[int], records: list[Any], columns: Columns) -> pa.Table:
+    """Raw records of one source as a block in the record schema (see ``read_raw``)."""
+    checked = [_validated(record, columns) for record in records]
+    values = {name: [r[name] for r in checked] for name in _RECORD_SCHEMA.names[2:]}
+    return pa.Table.from_pydict({"source": [source] * len(rows), "row": rows, **values}, schema=_RECORD_SCHEMA)
 
 
 def _parse_json_lines(data: bytes) -> Iterator[tuple[int, Any]]:
@@ -159,9 +165,9 @@ def _parse_json_lines(data: bytes) -> Iterator[tuple[int, Any]]:
         try:
             yield number, json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as e:
-            yield number, _Unparseable("invalid_utf8", f"line is not UTF-8: {e.reason}")
+            yield number, Unparseable("invalid_utf8", f"line is not UTF-8: {e.reason}")
         except json.JSONDecodeError as e:
-            yield number, _Unparseable("malformed_json", f"line is not JSON: {e.msg}")
+            yield number, Unparseable("malformed_json", f"line is not JSON: {e.msg}")
 
 
 def _parse_file(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
@@ -196,27 +202,6 @@ def _parse_file(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
         yield from _parse_json_lines(data)
 
 
-def _parse_files(files: dict[str, np.ndarray], columns: Columns) -> Iterator[pa.Table]:
-    """map_batches over (path, bytes) rows: each file becomes blocks of validated records."""
-    for path, data in zip(files["path"], files["bytes"]):
-        rows, records = [], []
-        for number, record in _parse_file(str(path), data):
-            rows.append(number)
-            records.append(_validated(record, columns))
-            if len(rows) == _ROWS_PER_BLOCK:
-                yield _record_table(str(path), rows, records)
-                rows, records = [], []
-        if rows:
-            yield _record_table(str(path), rows, records)
-
-
-def _validate_table(batch: pa.Table, source: str, columns: Columns) -> pa.Table:
-    """map_batches over rows of a Hugging Face dataset with a ``__row`` index column."""
-    records = batch.to_pylist()
-    rows = [record.pop("__row") for record in records]
-    return _record_table(source, rows, [validate_record(r, columns) for r in records])
-
-
 # --- reading ----------------------------------------------------------------------
 
 
@@ -229,13 +214,67 @@ def _is_hub_id(source: str) -> bool:
     return "://" not in source and not os.path.exists(source) and PurePosixPath(source).suffix.lower() not in FILE_FORMATS
 
 
-def _read_files(source: str, columns: Columns):
-    """JSON, JSONL or Parquet files, local or remote (s3://, gs://), read by Ray workers.
+def _files_to_tables(files: dict[str, np.ndarray], to_table: Callable) -> Iterator[pa.Table]:
+    """map_batches over (path, bytes) rows: each file becomes blocks of converted records."""
+    for path, blob in zip(files["path"], files["bytes"]):
+        rows, records = [], []
+        for number, record in _parse_file(str(path), blob):
+            rows.append(number)
+            records.append(record)
+            if len(rows) == _ROWS_PER_BLOCK:
+                yield to_table(str(path), rows, records)
+                rows, records = [], []
+        if rows:
+            yield to_table(str(path), rows, records)
 
-    Each file is parsed whole by one task so every record keeps its row number.
+
+def _arrow_to_table(batch: pa.Table, source: str, to_table: Callable) -> pa.Table:
+    records = batch.to_pylist()
+    rows = [record.pop("__row") for record in records]
+    return to_table(source, rows, records)
+
+
+def load_hf_table(source: str, split: str) -> pa.Table:
+    """One split of a hub dataset id (``datasets.load_dataset``) or a ``save_to_disk`` directory."""
+    import datasets
+
+    try:
+        if _is_saved_hf_dataset(source):
+            dataset = datasets.load_from_disk(source)
+        else:
+            dataset = datasets.load_dataset(source, split=split)
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise DataError(f"{source} has splits {list(dataset)}, not {split!r}")
+            dataset = dataset[split]
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types for "not found / not loadable"
+        raise DataError(f"cannot load dataset {source!r}: {type(e).__name__}: {e}") from None
+    return dataset.with_format("arrow")[:]  # memory-mapped: no record data is copied
+
+
+def read_raw(source: str, split: str, to_table: Callable[[str, list[int], list[Any]], pa.Table], *, use_datasets: bool | None = None):
+    """Any supported source as a Ray Dataset of ``to_table(source, rows, records)`` blocks.
+
+    ``records`` are raw: dicts as read, other JSON values, or ``Unparseable`` for lines
+    that could not be decoded; ``rows`` number them from 1 within their source. Files
+    (local, s3://, gs://) are read by Ray workers, each file whole by one task so row
+    numbers are exact; hub ids and ``datasets`` directories are loaded with ``datasets``.
+    ``use_datasets=True`` loads any source with ``datasets`` (a local copy of a hub
+    dataset repository, say). Training (``read_records``) and batch generation share
+    this one reader.
     """
     import ray.data
 
+    if use_datasets is None:
+        use_datasets = _is_hub_id(source) or _is_saved_hf_dataset(source)
+    if use_datasets:
+        table = load_hf_table(source, split)
+        table = table.append_column("__row", pa.array(np.arange(1, table.num_rows + 1)))
+        return ray.data.from_arrow(table).map_batches(
+            _arrow_to_table, fn_kwargs={"source": source, "to_table": to_table}, batch_format="pyarrow"
+        )
     suffix = PurePosixPath(source).suffix.lower()
     if suffix and suffix not in FILE_FORMATS and not os.path.isdir(source):
         raise DataError(f"{source}: unsupported file type {suffix!r}; expected one of {FILE_FORMATS}")
@@ -245,41 +284,13 @@ def _read_files(source: str, columns: Columns):
         )
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read {source}: {e}") from None
-    return files.map_batches(_parse_files, fn_kwargs={"columns": columns}, batch_size=1)
-
-
-def _read_hf(config: DataConfig, columns: Columns):
-    """A hub dataset id (through ``datasets.load_dataset``) or a directory saved by ``datasets``."""
-    import datasets
-    import ray.data
-
-    try:
-        if _is_saved_hf_dataset(config.source):
-            dataset = datasets.load_from_disk(config.source)
-        else:
-            dataset = datasets.load_dataset(config.source, split=config.split)
-        if isinstance(dataset, datasets.DatasetDict):
-            if config.split not in dataset:
-                raise DataError(f"{config.source} has splits {list(dataset)}, not {config.split!r}")
-            dataset = dataset[config.split]
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types for "not found / not loadable"
-        raise DataError(f"cannot load dataset {config.source!r}: {type(e).__name__}: {e}") from None
-    # Memory-mapped Arrow: adding the row index copies no record data.
-    table = dataset.with_format("arrow")[:]
-    table = table.append_column("__row", pa.array(np.arange(1, table.num_rows + 1)))
-    return ray.data.from_arrow(table).map_batches(
-        _validate_table, fn_kwargs={"source": config.source, "columns": columns}, batch_format="pyarrow"
-    )
+    return files.map_batches(_files_to_tables, fn_kwargs={"to_table": to_table}, batch_size=1)
 
 
 def read_records(config: DataConfig):
     """A Ray Dataset of validated records, usable and skipped, in the record schema."""
-    columns = parse_columns(config.columns)
-    if _is_hub_id(config.source) or _is_saved_hf_dataset(config.source):
-        return _read_hf(config, columns)
-    return _read_files(config.source, columns)
+    to_table = functools.partial(validated_table, columns=parse_columns(config.columns))
+    return read_raw(config.source, config.split, to_table)
 
 
 # --- tokenization and split -------------------------------------------------------

@@ -1,5 +1,6 @@
 """The Ray Data record pipeline: sources, column mapping, validation, label masking, split."""
 
+import functools
 import json
 
 import datasets
@@ -84,7 +85,8 @@ def test_hub_style_dataset_loads_through_load_dataset(ray_local, tiny_model_dir,
     records = [{k: r[k] for k in ("instruction", "input", "output")} for r in task_records]
     pq.write_table(pa.Table.from_pylist(records), repo / "data" / "train-00000-of-00001.parquet")
     config = data.DataConfig(source=str(repo), eval_fraction=0.3)
-    from_hub = data.PreparedData(config, tiny_model_dir, records=data._read_hf(config, data.parse_columns("alpaca")))
+    to_table = functools.partial(data.validated_table, columns=data.parse_columns("alpaca"))
+    from_hub = data.PreparedData(config, tiny_model_dir, records=data.read_raw(str(repo), "train", to_table, use_datasets=True))
     from_file = _prepare(_write_all_formats(records, tmp_path)[1], tiny_model_dir, eval_fraction=0.3)
     assert _rows(from_hub) == _rows(from_file)
     assert from_hub.records.take(1)[0]["source"] == str(repo)
