@@ -10,6 +10,7 @@ name resumes from the latest checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 import os
@@ -18,6 +19,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
 
 from dolly_ray import checkpoint as ckpt
 from dolly_ray import data, deepspeed_config
@@ -125,7 +130,7 @@ def plan_steps(config: TrainConfig, train_rows: int, eval_rows: int) -> Plan:
     return Plan(micro_batches_per_epoch=epoch_steps * config.gradient_accumulation_steps, total_steps=total, eval_batches=eval_batches)
 
 
-class DeterministicSplit:
+class DeterministicSplit(ray.train.DataConfig):
     """A Ray Train DataConfig that gives each worker the same rows on every run.
 
     Ray's default streaming split hands blocks to whichever worker asks first; exact
@@ -133,26 +138,18 @@ class DeterministicSplit:
     datasets are split by position instead.
     """
 
-    def __new__(cls):
-        import ray.train
-
-        class _DeterministicSplit(ray.train.DataConfig):
-            def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
-                output = [{} for _ in range(world_size)]
-                for name, dataset in datasets.items():
-                    for rank, shard in enumerate(dataset.split(world_size, equal=True)):
-                        output[rank][name] = shard.iterator()
-                return output
-
-        return _DeterministicSplit()
+    def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            for rank, shard in enumerate(dataset.split(world_size, equal=True)):
+                output[rank][name] = shard.iterator()
+        return output
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
     """Prepare the data, train, and return the run summary (the job's last output line)."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
+    if config.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("tensorboard_dir needs the tensorboard package: pip install 'dolly_ray[tensorboard]'")
     # A fixed row order, so DeterministicSplit gives each worker the same rows on every run.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     prepared = data.PreparedData(config.data_config, config.model, trust_remote_code=config.trust_remote_code)
@@ -229,7 +226,6 @@ class _Worker:
 
     def __init__(self, config: TrainConfig, plan: Plan):
         import deepspeed
-        import ray.train
         import torch
 
         from dolly_ray import batching, prompts
@@ -274,8 +270,6 @@ class _Worker:
     # -- data --
 
     def batches(self, name: str, epoch: int):
-        import ray.train
-
         return ray.train.get_dataset_shard(name).iter_torch_batches(
             batch_size=self.config.micro_batch_size,
             collate_fn=self.collate,
@@ -314,8 +308,6 @@ class _Worker:
         return loss_sum / max(tokens, 1.0)
 
     def report(self, metrics: dict, save: bool, final: bool = False) -> None:
-        import ray.train
-
         self.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if self.tensorboard:
             for key, value in metrics.items():
@@ -339,8 +331,6 @@ class _Worker:
             shutil.rmtree(directory, ignore_errors=True)
 
     def restore(self) -> None:
-        import ray.train
-
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return

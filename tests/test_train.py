@@ -96,7 +96,8 @@ def _resume_config(model_dir, dataset, storage, name, **overrides):
 @pytest.mark.slow
 def test_resume_continues_exactly_where_it_stopped(ray_local, tiny_model_dir, tmp_path):
     dataset = tasks.write_jsonl(tasks.generate(200, seed=5), tmp_path / "tasks.jsonl")
-    full = train.run(_resume_config(tiny_model_dir, dataset, tmp_path, "uninterrupted"))
+    full = train.run(_resume_config(tiny_model_dir, dataset, tmp_path, "uninterrupted", tensorboard_dir=str(tmp_path / "tb")))
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb" / "uninterrupted"))
     stopped = train.run(_resume_config(tiny_model_dir, dataset, tmp_path, "interrupted", stop_after_steps=5))
     assert stopped["steps"] == 5 and stopped["finished"] is False
     resumed = train.run(_resume_config(tiny_model_dir, dataset, tmp_path, "interrupted"))
