@@ -274,7 +274,7 @@ def _is_local(path: str) -> bool:
 def _looks_local(path: str) -> bool:
     """A local path rather than a hub id: absolute, relative with ./, or with a file extension."""
     return _is_local(path) and (
-        os.path.exists(path) or path.startswith(("/", ".", "~")) or not data._is_hub_id(path)
+        os.path.exists(path) or path.startswith(("/", ".", "~")) or not data.is_hub_id(path)
     )
 
 

@@ -209,7 +209,7 @@ def _is_saved_hf_dataset(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in ("dataset_info.json", "dataset_dict.json"))
 
 
-def _is_hub_id(source: str) -> bool:
+def is_hub_id(source: str) -> bool:
     """``owner/name`` or ``name`` that is no local path and no URL: a Hugging Face dataset id."""
     return "://" not in source and not os.path.exists(source) and PurePosixPath(source).suffix.lower() not in FILE_FORMATS
 
@@ -268,7 +268,7 @@ def read_raw(source: str, split: str, to_table: Callable[[str, list[int], list[A
     import ray.data
 
     if use_datasets is None:
-        use_datasets = _is_hub_id(source) or _is_saved_hf_dataset(source)
+        use_datasets = is_hub_id(source) or _is_saved_hf_dataset(source)
     if use_datasets:
         table = load_hf_table(source, split)
         table = table.append_column("__row", pa.array(np.arange(1, table.num_rows + 1)))

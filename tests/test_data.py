@@ -93,9 +93,9 @@ def test_hub_style_dataset_loads_through_load_dataset(ray_local, tiny_model_dir,
 
 
 def test_source_routing():
-    assert data._is_hub_id("tatsu-lab/alpaca") and data._is_hub_id("databricks/databricks-dolly-15k")
-    assert not data._is_hub_id("s3://bucket/alpaca.parquet")
-    assert not data._is_hub_id("missing/records.jsonl")
+    assert data.is_hub_id("tatsu-lab/alpaca") and data.is_hub_id("databricks/databricks-dolly-15k")
+    assert not data.is_hub_id("s3://bucket/alpaca.parquet")
+    assert not data.is_hub_id("missing/records.jsonl")
 
 
 def test_dolly_and_custom_column_mappings(ray_local, tiny_model_dir, tmp_path):
