@@ -13,6 +13,8 @@ expanded back into columns only when written.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -24,7 +26,8 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from dolly_ray import data, prompts
+from dolly_ray import data
+from dolly_ray.cli import option
 from dolly_ray.data import Columns, DataError
 
 # What each output row gains; an input column with one of these names is kept as original_<name>.
@@ -56,26 +59,26 @@ class BatchError(ValueError):
 class BatchConfig:
     """One batch-generation job; the CLI flags fill it one to one."""
 
-    model: str
-    input: str
-    output: str
-    columns: str = "alpaca"  # a schema name or instruction=A,input=B (an output= part is ignored)
-    split: str = "train"  # the split of a Hugging Face dataset
-    output_format: str | None = None  # jsonl or parquet; None: from the output's extension
-    num_actors: int = 1
-    num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    num_cpus_per_actor: float = 1.0
-    batch_size: int = 16  # prompts per model.generate call
-    max_batch_tokens: int | None = None  # also caps rows x padded length per call (long prompts: fewer rows)
-    rows_per_call: int | None = None  # rows per actor call, length-sorted within; None: SORT_WINDOW x batch_size
-    max_new_tokens: int = 256
-    greedy: bool = False
-    temperature: float = 1.0
-    top_p: float = 0.92
-    top_k: int = 0
-    seed: int | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    model: str = option(dataclasses.MISSING, "checkpoint directory (local or s3://...) or Hugging Face model id")
+    input: str = option(dataclasses.MISSING, "JSON/JSONL/Parquet file or directory, a datasets dir, or a hub dataset id")
+    output: str = option(dataclasses.MISSING, "output file, local or remote; .jsonl or .parquet picks the format")
+    columns: str = option("alpaca", "schema name (alpaca, dolly) or instruction=A,input=B (an output= part is ignored)")
+    split: str = option("train", "split of a Hugging Face dataset")
+    output_format: str | None = option(None, "jsonl or parquet, overriding the output's extension")
+    num_actors: int = option(1, "generation actors, each holding one model")
+    num_gpus_per_actor: float | None = option(None, "GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    num_cpus_per_actor: float = option(1.0, "CPUs per actor; fractions allowed")
+    batch_size: int = option(16, "prompts per model.generate call")
+    max_batch_tokens: int | None = option(None, "also cap rows x padded length per generate call (long prompts: fewer rows)")
+    rows_per_call: int | None = option(None, "rows per actor call, length-sorted within it (default: 4 x batch size)")
+    max_new_tokens: int = option(256, "longest response, in tokens")
+    greedy: bool = option(False, "greedy decoding instead of sampling")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(0.92, "nucleus sampling threshold")
+    top_k: int = option(0, "top-k sampling (0: off)")
+    seed: int | None = option(None, "seed for sampling")
+    trust_remote_code: bool = option(False, "run model code from the hub (only for models you trust)")
+    allow_pickle: bool = option(False, "allow non-safetensors weights (loading a pickle can run code)")
 
     def params(self):
         from dolly_ray.generation import GenerationParams
@@ -108,7 +111,8 @@ def _requests(source: str, rows: list[int], records: list[Any], columns: Columns
             inputs.append(None)
             errors.append(f"{record.reason}: {record.detail}")
             continue
-        texts.append(json.dumps(record if isinstance(record, dict) else {"value": record}, ensure_ascii=False, default=str))
+        # ASCII JSON: a lone surrogate (from a "\ud800" escape) stays an escape, which Arrow accepts.
+        texts.append(json.dumps(record if isinstance(record, dict) else {"value": record}, default=str))
         checked = data.validate_record(record, columns)
         failed = bool(checked["skip_reason"])
         instructions.append(None if failed else checked["instruction"])
@@ -197,7 +201,9 @@ class _JsonlWriter:
         _, records = _rows(batch)
         results = batch.select(RESULT_SCHEMA.names).to_pylist()
         lines = (json.dumps({**record, **result}, ensure_ascii=False) + "\n" for record, result in zip(records, results))
-        self.stream.write("".join(lines).encode("utf-8"))
+        # A lone surrogate can only sit inside a JSON string, where backslashreplace
+        # writes it back as the very "\udXXX" escape the input had.
+        self.stream.write("".join(lines).encode("utf-8", errors="backslashreplace"))
 
     def close(self) -> None:
         pass
@@ -290,20 +296,12 @@ def check(config: BatchConfig) -> Columns:
         raise BatchError(str(e)) from None
     if _looks_local(config.input) and not os.path.exists(config.input):
         raise BatchError(f"input not found: {config.input}")
-    if _looks_local(config.model) and not os.path.isdir(config.model):
-        raise BatchError(f"model directory not found: {config.model}")
-    try:
-        from transformers import AutoConfig
+    from dolly_ray.generation import check_model
 
-        model_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
-        prompts.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    except prompts.SpecialTokenError as e:
+    try:
+        check_model(config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, max_new_tokens=config.max_new_tokens)
+    except ValueError as e:
         raise BatchError(str(e)) from None
-    except Exception as e:  # not found, offline, no config.json, remote code refused
-        raise BatchError(f"cannot load model {config.model!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    positions = getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
-    if positions is not None and config.max_new_tokens >= positions - 1:
-        raise BatchError(f"--max-new-tokens {config.max_new_tokens} leaves no room for a prompt in {positions} positions")
     return columns
 
 
@@ -367,9 +365,10 @@ def _write(dataset, output: str, fmt: str) -> dict[str, Any]:
     partial = where + ".partial"
     start = time.perf_counter()
     try:
-        with filesystem.open_output_stream(partial) as stream:
+        # closing: a write that fails mid-way must stop the pipeline and free its actors now.
+        with filesystem.open_output_stream(partial) as stream, contextlib.closing(_batches(dataset)) as batches:
             writer = _JsonlWriter(stream) if fmt == "jsonl" else _ParquetWriter(stream)
-            for batch in _batches(dataset):
+            for batch in batches:
                 writer.write(batch)
                 errors = batch["error"].to_pylist()
                 if first_error is None:
@@ -415,12 +414,4 @@ def _warn_if_no_cpu_left(actor_cpus: float) -> None:
 
 def _batches(dataset) -> Iterator[pa.Table]:
     """Output blocks in order, with a DataError raised in a worker re-raised as itself."""
-    try:
-        yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
-    except Exception as e:
-        cause = e
-        while cause is not None and not isinstance(cause, DataError):
-            cause = cause.__cause__ or getattr(cause, "cause", None)
-        if cause is not None:
-            raise DataError(str(cause)) from None
-        raise
+    return data.iterate(dataset, batch_size=None, batch_format="pyarrow")

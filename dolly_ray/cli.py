@@ -21,14 +21,23 @@ class ConfigError(ValueError):
     """A bad flag, YAML file or config value."""
 
 
+def option(default, help: str):
+    """A config dataclass field with the help text its command-line flag shows."""
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
     """One ``--flag-name`` per dataclass field, defaulting to None so YAML can fill it."""
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the options below (flags win)")
     for f in dataclasses.fields(config_class):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = f"{f.metadata.get('help', '')} (default: {json.dumps(default)})"
+        shown = "required" if default is dataclasses.MISSING else f"default: {json.dumps(default)}"
+        help_text = f"{f.metadata.get('help', '')} ({shown})"
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
+        kind = kind.removesuffix(" | None")  # optional values: the flag is simply not given
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind in ("dict", "list"):
@@ -58,6 +67,10 @@ def config_from_args(config_class: type, args: argparse.Namespace):
     if unknown:
         raise ConfigError(f"{args.config}: unknown option(s) {unknown}")
     values.update({name: getattr(args, name) for name in known if getattr(args, name) is not None})
+    required = [f.name for f in dataclasses.fields(config_class) if f.default is f.default_factory is dataclasses.MISSING]
+    missing = ["--" + name.replace("_", "-") for name in required if name not in values]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} required")
     try:
         return config_class(**values)
     except TypeError as e:

@@ -9,7 +9,10 @@ mode the first one stops the run with its source, row and field.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import functools
+import gc
 import hashlib
 import io
 import json
@@ -135,6 +138,10 @@ def validate_record(record: Any, columns: Columns) -> dict[str, str]:
             continue
         if not isinstance(value, str):
             return skip(f"non_string_{role}", f"field {name!r} is of type {type(value).__name__}, not a string")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape such as "\ud800"
+            return skip("invalid_unicode", f"field {name!r} holds a lone surrogate, which is not text")
         if required and not value.strip():
             return skip(f"empty_{role}", f"field {name!r} is empty")
         key = prompts.contains_prompt_key(value)
@@ -158,16 +165,20 @@ def validated_table(source: str, rows: list[int], records: list[Any], columns: C
 
 
 def _parse_json_lines(data: bytes) -> Iterator[tuple[int, Any]]:
-    """(line number, record) for each non-blank line; bad lines yield a skip marker."""
-    for number, line in enumerate(data.splitlines(), start=1):
+    """(line number, record) for each non-blank line; bad lines yield a skip marker.
+
+    Lines end at ``\\n`` only, as JSON Lines defines them: a stray ``\\r`` inside a line
+    must not split one record into two rows and shift every row number after it.
+    """
+    for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line.decode("utf-8"))
+            yield number, json.loads(line.decode("utf-8-sig"))
         except UnicodeDecodeError as e:
             yield number, Unparseable("invalid_utf8", f"line is not UTF-8: {e.reason}")
-        except json.JSONDecodeError as e:
-            yield number, Unparseable("malformed_json", f"line is not JSON: {e.msg}")
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, or too many digits / too deep to parse
+            yield number, Unparseable("malformed_json", f"line is not JSON: {e.msg if isinstance(e, json.JSONDecodeError) else e}")
 
 
 def _parse_file(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
@@ -192,11 +203,13 @@ def _parse_file(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
         return
     if suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected one of {FILE_FORMATS}")
-    if data.lstrip()[:1] == b"[":
+    if data[:4] == b"PAR1":
+        raise DataError(f"{path}: holds Parquet data, not JSON; rename it to .parquet")
+    if data.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"[":
         try:
-            records = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: not a valid JSON array ({e})") from None
+            records = json.loads(data.decode("utf-8-sig"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise DataError(f"{path}: not a valid JSON array ({type(e).__name__}: {e})") from None
         yield from enumerate(records, start=1)
     else:
         yield from _parse_json_lines(data)
@@ -282,6 +295,8 @@ def read_raw(source: str, split: str, to_table: Callable[[str, list[int], list[A
         files = ray.data.read_binary_files(
             source, include_paths=True, file_extensions=[ext.lstrip(".") for ext in FILE_FORMATS]
         )
+    except FileNotFoundError:
+        raise DataError(f"cannot read {source}: no such file or directory") from None
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read {source}: {e}") from None
     return files.map_batches(_files_to_tables, fn_kwargs={"to_table": to_table}, batch_size=1)
@@ -418,22 +433,24 @@ class PreparedData:
         """
         report, lengths = DataReport(), []
         columns = ["source", "row", "skip_reason", "skip_detail", "num_tokens", "is_eval"]
-        for batch in _iterate(self.records.select_columns(columns)):
-            report.total += len(batch["row"])
-            for source, row, reason, detail, num_tokens, is_eval in zip(*(batch[c] for c in columns)):
-                if reason:
-                    report.skipped[reason] = report.skipped.get(reason, 0) + 1
-                    where = f"{source} row {row}: {detail}"
-                    report.first_skip.setdefault(reason, where)
-                    if self.config.strict:
-                        raise DataError(f"invalid record ({reason}) in {where}")
-                    continue
-                lengths.append(num_tokens)
-                if is_eval:
-                    report.eval_rows += 1
-                else:
-                    report.train_rows += 1
-                    report.train_tokens += int(num_tokens)
+        # closing: a strict-mode raise mid-way must stop the pipeline and free its actors now.
+        with contextlib.closing(iterate(self.records.select_columns(columns))) as batches:
+            for batch in batches:
+                report.total += len(batch["row"])
+                for source, row, reason, detail, num_tokens, is_eval in zip(*(batch[c] for c in columns)):
+                    if reason:
+                        report.skipped[reason] = report.skipped.get(reason, 0) + 1
+                        where = f"{source} row {row}: {detail}"
+                        report.first_skip.setdefault(reason, where)
+                        if self.config.strict:
+                            raise DataError(f"invalid record ({reason}) in {where}")
+                        continue
+                    lengths.append(num_tokens)
+                    if is_eval:
+                        report.eval_rows += 1
+                    else:
+                        report.train_rows += 1
+                        report.train_tokens += int(num_tokens)
         if lengths:
             values = np.asarray(lengths)
             report.token_lengths = {
@@ -456,15 +473,24 @@ def _schema_hint(report: DataReport) -> str:
     return ""
 
 
-def _iterate(dataset) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of a Ray Dataset, with a DataError from a worker re-raised as itself."""
+def iterate(dataset, batch_size: int | None = 4096, batch_format: str = "numpy") -> Iterator:
+    """Batches of a Ray Dataset, with a DataError from a worker re-raised as itself.
+
+    A failed pipeline keeps its actors, and their CPUs and GPUs, alive through a
+    reference cycle with Ray's exception: the next job in the same process (a notebook,
+    a test session) would wait for ever. So the DataError is raised without that
+    exception attached, after a collection that frees the pipeline.
+    """
     try:
-        yield from dataset.iter_batches(batch_size=4096, batch_format="numpy")
+        yield from dataset.iter_batches(batch_size=batch_size, batch_format=batch_format)
+        return
     except Exception as e:
         cause = e
         while cause is not None and not isinstance(cause, DataError):
             cause = cause.__cause__ or getattr(cause, "cause", None)
-        if cause is not None:
-            raise DataError(str(cause)) from None
-        raise
+        if cause is None:
+            raise
+        message, cause = str(cause), None
+    gc.collect()
+    raise DataError(message)
 

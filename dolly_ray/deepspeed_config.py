@@ -41,6 +41,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 GPU_PRESETS = ("a100", "a10", "v100")
+# `auto` is resolved at run time: see preset_for_gpu.
+AUTO = "auto"
+# Below this much memory per GPU (A10/A10G: 24 GB), a 6B model's Adam state must be
+# offloaded to the CPU; A100 40 GB (which reports about 39.4 GiB) keeps it on the GPU.
+_FULL_ON_GPU_GIB = 32
+
+
+def preset_for_gpu(compute_capability: tuple[int, int], memory_gib: float) -> str:
+    """The preset that fits one GPU: bf16 needs compute capability 8.0 (Ampere) or later,
+    and the optimizer state stays on the GPU only with 32 GiB or more.
+
+    A100/H100 -> a100; A10/A10G/L4/L40 -> a10; V100/T4 -> v100.
+    """
+    if tuple(compute_capability) < (8, 0):
+        return "v100"
+    return "a100" if memory_gib >= _FULL_ON_GPU_GIB else "a10"
 
 
 def merge(base: dict, overrides: dict) -> dict:

@@ -8,8 +8,13 @@ No Ray import: usable in a notebook or inside a training worker.
 
 from __future__ import annotations
 
+import glob
+import os
+import queue
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Union
+from typing import Iterator, Mapping, Sequence, Union
 
 import torch
 
@@ -49,6 +54,90 @@ class GenerationResult:
     num_prompt_tokens: int  # tokens the model actually saw, after any truncation
     num_generated_tokens: int  # including the ### End token when there is one
     truncated: bool  # the prompt was cut from the left to fit the context
+
+
+def check_weights(name_or_path: str, *, allow_pickle: bool = False) -> None:
+    """Refuse a local model directory whose only weights are pickles, unless ``allow_pickle``.
+
+    Loading a pickle can run code. ``from_pretrained(use_safetensors=True)`` refuses such
+    a directory too, but only once a worker loads it; jobs call this on their driver.
+    """
+    if allow_pickle or not os.path.isdir(name_or_path):
+        return
+    if not glob.glob(os.path.join(name_or_path, "*.safetensors")):
+        raise ValueError(
+            f"{name_or_path} has no safetensors weights; pickle weights can run code when loaded. "
+            "Convert them to safetensors, or pass --allow-pickle if you trust the files"
+        )
+
+
+MODEL_CACHE = os.path.join("~", ".cache", "dolly_ray", "models")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def local_model_dir(name_or_path: str, *, weights: bool = True) -> str:
+    """A model on remote storage (``s3://``, ``gs://``, any pyarrow URI, as training
+    writes with such a ``--storage-path``) copied once into a local cache; hub ids and
+    local paths come back unchanged. ``weights=False`` copies only the small files
+    (config, tokenizer), enough for a driver to check the model.
+
+    transformers only reads local directories and the hub; this lets Serve replicas and
+    batch actors on any node load the checkpoint a training run reported.
+    """
+    if "://" not in name_or_path:
+        return name_or_path
+    import hashlib
+    import shutil
+    import tempfile
+
+    import pyarrow.fs
+
+    key = hashlib.sha256(name_or_path.encode()).hexdigest()[:16] + ("" if weights else "-config")
+    target = os.path.join(os.path.expanduser(MODEL_CACHE), key)
+    if not os.path.isdir(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".fetching-")
+        try:
+            filesystem, root = pyarrow.fs.FileSystem.from_uri(name_or_path)
+            for info in filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
+                if info.type != pyarrow.fs.FileType.File or (not weights and info.path.endswith(WEIGHT_SUFFIXES)):
+                    continue
+                destination = os.path.join(staging, os.path.relpath(info.path, root))
+                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                pyarrow.fs.copy_files(info.path, destination, source_filesystem=filesystem)
+            os.rename(staging, target)  # atomic: a half-copied model is never used
+        except FileNotFoundError:
+            raise FileNotFoundError(f"model not found: {name_or_path}") from None
+        except OSError:
+            if not os.path.isdir(target):  # not merely another process finishing first
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def check_model(name_or_path: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, max_new_tokens: int | None = None) -> None:
+    """Refuse on a job's driver what every worker would refuse later: a model that is not
+    there or will not load, custom code without ``trust_remote_code``, pickle-only weights
+    without ``allow_pickle``, a tokenizer that cannot hold the prompt keys, or no room for
+    a prompt beside ``max_new_tokens``. Raises ValueError naming the problem."""
+    from transformers import AutoConfig
+
+    if "://" not in name_or_path and name_or_path.startswith(("/", ".", "~")) and not os.path.isdir(name_or_path):
+        raise ValueError(f"model directory not found: {name_or_path}")
+    check_weights(name_or_path, allow_pickle=allow_pickle)
+    try:
+        local = local_model_dir(name_or_path, weights=False)
+        model_config = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
+        prompts.load_tokenizer(local, trust_remote_code=trust_remote_code)
+    except prompts.SpecialTokenError:
+        raise
+    except Exception as e:  # not found, offline, no config.json, remote code refused
+        hint = "; pass --trust-remote-code only if you trust that code" if "trust_remote_code" in str(e) else ""
+        raise ValueError(f"cannot load model {name_or_path!r}: {type(e).__name__}: {str(e).splitlines()[0]}{hint}") from None
+    positions = getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
+    if max_new_tokens is not None and positions is not None and max_new_tokens >= positions - 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {positions} positions")
 
 
 def default_device() -> torch.device:
@@ -116,7 +205,7 @@ class InstructionGenerator:
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
     ) -> "InstructionGenerator":
-        """Load a checkpoint directory or hub id.
+        """Load a checkpoint directory (local or remote, see ``local_model_dir``) or hub id.
 
         Only safetensors weights load unless ``allow_pickle``: a pickled checkpoint can run
         arbitrary code when loaded. (``allow_pickle`` still prefers safetensors when both
@@ -127,6 +216,7 @@ class InstructionGenerator:
         device = torch.device(device) if device is not None else default_device()
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
+        name_or_path = local_model_dir(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
             dtype=dtype or default_dtype(device),
@@ -169,20 +259,12 @@ class InstructionGenerator:
         with the padded length of every row.
         """
         params = params or GenerationParams()
-        params.validate()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        budget = self.prompt_budget(params.max_new_tokens)
-        texts = [prompts.format_prompt(*_as_request(r)) for r in requests]
-        encoded = self.tokenizer(texts)["input_ids"] if texts else []
-        truncated = [budget is not None and len(ids) > budget for ids in encoded]
-        # Cut from the left: the end of the prompt holds the response key the model continues from.
-        encoded = [ids[-budget:] if cut else ids for ids, cut in zip(encoded, truncated)]
+        encoded, truncated = self._prepare(requests, params)
 
         batches = micro_batches([len(ids) + params.max_new_tokens for ids in encoded], batch_size, max_batch_tokens)
         results: list[GenerationResult | None] = [None] * len(encoded)
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -192,6 +274,77 @@ class InstructionGenerator:
         finally:
             self.model.train(was_training)
         return results  # type: ignore[return-value]
+
+    def stream(self, request: Request, params: GenerationParams | None = None) -> Iterator[str | GenerationResult]:
+        """Generate one response as it is decoded: text pieces, then its GenerationResult.
+
+        The pieces join to exactly ``result.response``. Text that the final clean-up could
+        still change is held back until it settles: surrounding whitespace, anything from a
+        ``#`` (it may begin an ``### End`` spelled in ordinary tokens) and a character whose
+        bytes have not all arrived. Closing the iterator early stops generation at the next
+        token. The model runs on a helper thread, so the pieces can be sent as they come.
+        """
+        params = params or GenerationParams()
+        [ids], [truncated] = self._prepare([request], params)
+        tokens = _TokenQueue()
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self._generate_batch([ids], params, streamer=tokens, stopping_criteria=[tokens]))
+            except BaseException as e:  # handed to the reader by future.result()
+                future.set_exception(e)
+            finally:
+                tokens.end()
+
+        was_training = self.model.training
+        self.model.eval()
+        thread = threading.Thread(target=run, name="InstructionGenerator.stream", daemon=True)
+        thread.start()
+        try:
+            new_ids: list[int] = []
+            sent = ""
+            while (step := tokens.queue.get()) is not None:
+                new_ids += step
+                settled = self._settled_text(new_ids)
+                if len(settled) > len(sent):
+                    yield settled[len(sent) :]
+                    sent = settled
+            result = self._result(future.result()[0], len(ids), truncated)
+            if len(result.response) > len(sent):
+                yield result.response[len(sent) :]
+            yield result
+        finally:
+            tokens.stopped.set()
+            thread.join()
+            self.model.train(was_training)
+
+    def _prepare(self, requests: Sequence[Request], params: GenerationParams) -> tuple[list[list[int]], list[bool]]:
+        """Each prompt's token ids, cut to fit beside ``max_new_tokens``, and whether it was cut."""
+        params.validate()
+        budget = self.prompt_budget(params.max_new_tokens)
+        encoded = self.encode(requests)
+        truncated = [budget is not None and len(ids) > budget for ids in encoded]
+        # Cut from the left: the end of the prompt holds the response key the model continues from.
+        encoded = [ids[-budget:] if cut else ids for ids, cut in zip(encoded, truncated)]
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        return encoded, truncated
+
+    def encode(self, requests: Sequence[Request]) -> list[list[int]]:
+        """The full prompt token ids of each request, before any truncation."""
+        texts = [prompts.format_prompt(*_as_request(r)) for r in requests]
+        return self.tokenizer(texts)["input_ids"] if texts else []
+
+    def _settled_text(self, new_ids: list[int]) -> str:
+        """The start of the response that no later token can change (see ``stream``)."""
+        if self.ids.end in new_ids:
+            new_ids = new_ids[: new_ids.index(self.ids.end)]
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        for unsettled in ("#", "\ufffd"):
+            if unsettled in text:
+                text = text[: text.index(unsettled)]
+        return text.strip()
 
     def generation_config(self, params: GenerationParams):
         """A complete GenerationConfig, so nothing leaks in from the checkpoint's defaults."""
@@ -207,7 +360,7 @@ class InstructionGenerator:
         )
 
     @torch.inference_mode()
-    def _generate_batch(self, batch: list[list[int]], params: GenerationParams) -> list[list[int]]:
+    def _generate_batch(self, batch: list[list[int]], params: GenerationParams, **generate_kwargs) -> list[list[int]]:
         """The new token ids for each prompt of one micro-batch, left-padded to one length."""
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), self.ids.pad, dtype=torch.long)
@@ -219,6 +372,7 @@ class InstructionGenerator:
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             generation_config=self.generation_config(params),
+            **generate_kwargs,
         )
         return output[:, width:].tolist()
 
@@ -236,3 +390,26 @@ class InstructionGenerator:
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         response = prompts.extract_response(f"{prompts.RESPONSE_KEY}\n{text}") or ""
         return GenerationResult(response, "length", num_prompt_tokens, len(new_ids), truncated)
+
+
+class _TokenQueue:
+    """What ``stream`` hands to ``model.generate``: a streamer that queues each step's new
+    tokens for the reader, and a stopping criterion that ends generation once the reader
+    has gone away."""
+
+    def __init__(self):
+        self.queue: queue.Queue[list[int] | None] = queue.Queue()
+        self.stopped = threading.Event()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() puts the prompt first
+            self._prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.stopped.is_set(), dtype=torch.bool, device=input_ids.device)

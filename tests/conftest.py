@@ -34,6 +34,24 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def serve_http(ray_local):
+    """Ray Serve's HTTP proxy on a free localhost port, for one test module; yields its URL.
+
+    The module deploys its applications on it; they go when the module ends.
+    """
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alpaca_eval_davinci003.json")
 
 

@@ -160,11 +160,16 @@ def test_help_lists_every_flag_with_its_default():
     ):
         assert flag in text
     entries = re.split(r"\n  (?=-)", done.stdout.split("options:")[1])
-    for entry in entries[1:]:  # [0] is empty, then -h, then the flags
-        assert entry.startswith("-h") or "(default:" in entry, entry
+    for entry in entries[1:]:  # [0] is empty, then -h, --config, then the flags
+        assert entry.startswith(("-h", "--config")) or "(default:" in entry or "(required)" in entry, entry
     assert len(entries) >= 20
     assert "--top-p TOP_P nucleus sampling threshold (default: 0.92)" in text
     assert "--max-new-tokens MAX_NEW_TOKENS longest response, in tokens (default: 256)" in text
+
+
+def test_missing_required_flags_are_named():
+    done = _run_job("--input", "x.jsonl")
+    assert done.returncode == 2 and done.stderr.strip() == "error: --model, --output required"
 
 
 def test_bad_arguments_are_one_line_errors(tiny_model_dir, tmp_path):
@@ -172,6 +177,7 @@ def test_bad_arguments_are_one_line_errors(tiny_model_dir, tmp_path):
     for args, message in [
         (["--model", tiny_model_dir, "--input", str(tmp_path / "nope.jsonl")], "input not found"),
         (["--model", str(tmp_path / "nope"), "--input", source], "model directory not found"),
+        (["--model", tiny_model_dir, "--input", source, "--num-actors", "0"], "must be at least 1"),
     ]:
         done = _run_job(*args, "--output", str(tmp_path / "o.jsonl"))
         assert done.returncode != 0

@@ -20,7 +20,8 @@ def _parse(argv):
 
 def test_defaults_are_the_real_thing():
     config = _parse([])
-    assert (config.model, config.dataset, config.preset, config.use_gpu) == ("EleutherAI/gpt-j-6B", "tatsu-lab/alpaca", "a100", True)
+    # use_gpu stays open under preset auto until the cluster is known (train.resolve_auto_preset).
+    assert (config.model, config.dataset, config.preset, config.use_gpu) == ("EleutherAI/gpt-j-6B", "tatsu-lab/alpaca", "auto", None)
 
 
 def test_yaml_then_flags(tmp_path):
@@ -58,7 +59,7 @@ def test_help_lists_every_flag_with_its_default():
     help_text = "".join(result.stdout.split())  # argparse wraps lines, even inside values
     for flag in ("--model", "--dataset", "--preset", "--num-workers", "--use-gpu", "--storage-path", "--name", "--epochs", "--max-steps", "--max-length", "--config"):
         assert flag in help_text
-    for default in ('"EleutherAI/gpt-j-6B"', '"tatsu-lab/alpaca"', '"a100"'):
+    for default in ('"EleutherAI/gpt-j-6B"', '"tatsu-lab/alpaca"', '"auto"'):
         assert f"(default:{default})" in help_text
 
 
@@ -67,6 +68,7 @@ def test_help_lists_every_flag_with_its_default():
     [
         (["--preset", "h100"], "error: unknown preset 'h100'"),
         (["--preset", "cpu", "--use-gpu"], "error: preset 'cpu' is for CPU-only runs"),
+        (["--preset", "cpu", "--accelerator-type", "A10G"], "error: accelerator_type 'A10G' selects GPUs"),
         (["--config", "no-such-file.yaml"], "error: cannot read config no-such-file.yaml"),
     ],
 )

@@ -53,3 +53,21 @@ def test_inconsistent_batch_and_unknown_preset_are_refused():
         _build("a100", train_batch_size=7)
     with pytest.raises(ValueError, match="unknown preset 'h100'"):
         _build("h100")
+
+
+@pytest.mark.parametrize(
+    "gpu, capability, memory_gib, preset",
+    [
+        ("A100 80GB", (8, 0), 79.3, "a100"),
+        ("A100 40GB", (8, 0), 39.4, "a100"),
+        ("L40S", (8, 9), 44.4, "a100"),
+        ("H100", (9, 0), 79.1, "a100"),
+        ("A10G", (8, 6), 22.1, "a10"),
+        ("L4", (8, 9), 22.0, "a10"),
+        ("V100 16GB", (7, 0), 15.8, "v100"),
+        ("V100 32GB", (7, 0), 31.7, "v100"),
+        ("T4", (7, 5), 14.6, "v100"),
+    ],
+)
+def test_auto_preset_follows_the_gpu(gpu, capability, memory_gib, preset):
+    assert deepspeed_config.preset_for_gpu(capability, memory_gib) == preset, gpu

@@ -1,11 +1,12 @@
 """InstructionGenerator: stop at ### End, order under length sorting, left truncation."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from dolly_ray import prompts, testing
+from dolly_ray import generation, prompts, testing
 from dolly_ray.generation import (
     GenerationParams,
     GenerationResult,
@@ -181,3 +182,29 @@ def test_defaults():
     assert GenerationParams().max_new_tokens == 256 and not GenerationParams().greedy
     with pytest.raises(ValueError):
         GenerationParams(temperature=0).validate()
+
+
+def test_a_model_on_remote_storage_is_fetched_once_then_loaded(tiny_model_dir, tmp_path, monkeypatch):
+    # file:// goes through the same pyarrow filesystem copy as s3:// or gs://.
+    monkeypatch.setattr("dolly_ray.generation.MODEL_CACHE", str(tmp_path / "cache"))
+    uri = Path(tiny_model_dir).resolve().as_uri()
+    remote = InstructionGenerator.from_pretrained(uri, device="cpu")
+    local = InstructionGenerator.from_pretrained(tiny_model_dir, device="cpu")
+    params = GenerationParams(greedy=True, max_new_tokens=6)
+    assert remote.generate(["Say hi"], params) == local.generate(["Say hi"], params)
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert sorted(p.name for p in cached.iterdir()) == sorted(p.name for p in Path(tiny_model_dir).iterdir())
+    assert generation.local_model_dir(uri) == str(cached)  # no second copy
+    assert generation.local_model_dir(tiny_model_dir) == tiny_model_dir
+
+
+def test_a_driver_checks_a_remote_model_without_fetching_its_weights(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("dolly_ray.generation.MODEL_CACHE", str(tmp_path / "cache"))
+    uri = Path(tiny_model_dir).resolve().as_uri()
+    generation.check_model(uri, max_new_tokens=16)
+    (config_only,) = (tmp_path / "cache").iterdir()
+    assert (config_only / "config.json").is_file() and not list(config_only.glob("*.safetensors"))
+    with pytest.raises(ValueError, match="leaves no room for a prompt"):
+        generation.check_model(uri, max_new_tokens=100_000)
+    with pytest.raises(ValueError, match="cannot load model"):
+        generation.check_model((tmp_path / "absent").as_uri())

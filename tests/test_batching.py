@@ -1,0 +1,183 @@
+"""Batching strategies: packing is exact (same losses and gradients), dense, and trains."""
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from dolly_ray import batching, checkpoint, data, prompts, tasks, testing, train
+
+
+def _tokenized(records, tokenizer_dir, max_length):
+    """Records through the project's validation and tokenization (no Ray needed)."""
+    table = data.validated_table("records", list(range(1, len(records) + 1)), records, data.parse_columns("alpaca"))
+    out = data.Tokenize(str(tokenizer_dir), max_length, seed=0, eval_fraction=0.0)(table).to_pydict()
+    usable = [i for i, reason in enumerate(out["skip_reason"]) if not reason]
+    return [np.asarray(out["input_ids"][i], np.int32) for i in usable], [np.asarray(out["labels"][i], np.int32) for i in usable]
+
+
+def _column(values):
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.resize_token_embeddings(len(prompts.load_tokenizer(tiny_model_dir)))
+    return model.eval()
+
+
+def _token_losses(model, batch):
+    """Per-position next-token losses (0 where the label is -100) and the summed loss."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", batching.NUM_TOKENS)}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=batching.IGNORE_INDEX, reduction="none")
+    return losses, losses.sum()
+
+
+def test_pack_lengths_places_every_record_once_within_capacity():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=500)
+    rows = batching.pack_lengths(lengths, 512)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    assert rows == batching.pack_lengths(lengths, 512)  # deterministic: exact resume needs it
+    with pytest.raises(ValueError, match="513 tokens"):
+        batching.pack_lengths([10, 513], 512)
+
+
+def test_packed_rows_mix_records_of_every_length():
+    # Three task kinds of distinct lengths: rows sorted by length would hold one kind each.
+    records = tasks.generate(600, seed=5, tasks=["first_letter", "sort_numbers", "reverse_word"])
+    lengths = np.array([len(prompts.format_training_text(r["instruction"], r["input"], r["output"])) for r in records])
+    rows = batching.pack_lengths(lengths, 1024)
+    row_means = np.array([lengths[row].mean() for row in rows])
+    # Random rows of ~4 records: the spread of row means is about half the records' spread.
+    assert row_means.std() < 0.7 * lengths.std(), (row_means.std(), lengths.std())
+    assert rows != batching.pack_lengths(lengths, 1024, seed=1)  # the seed decides
+
+
+def test_packed_forward_gives_the_same_losses_and_gradients(tiny_model, tiny_model_dir):
+    ids, labels = _tokenized(tasks.generate(24, seed=3), tiny_model_dir, max_length=256)
+    lengths = np.array([len(x) for x in ids])
+    padded = batching.PadCollator(0)({"input_ids": _column(ids), "labels": _column(labels)})
+    packed_rows = batching.Pack(256)({"input_ids": _column(ids), "labels": _column(labels), "num_tokens": lengths})
+    assert packed_rows.num_rows < len(ids) / 3  # several records share each row
+    packed = batching.PackCollator(0)(
+        {name: _column([np.asarray(v) for v in packed_rows[name].to_pylist()]) for name in ("input_ids", "labels", "lengths")}
+        | {"num_tokens": packed_rows["num_tokens"].to_numpy()}
+    )
+    assert int(packed[batching.NUM_TOKENS]) == int(padded[batching.NUM_TOKENS]) == lengths.sum()
+    assert batching.label_tokens(packed) == batching.label_tokens(padded)
+
+    # Per-record mean loss, unpacked (one padded row each) and packed (a segment of a row).
+    padded_losses, padded_sum = _token_losses(tiny_model, padded)
+    packed_losses, packed_sum = _token_losses(tiny_model, packed)
+    n_labels = (padded["labels"][:, 1:] != -100).sum(1)
+    unpacked_means = padded_losses.sum(1) / n_labels
+    packed_means = torch.empty(len(ids))
+    for row, records in enumerate(batching.pack_lengths(lengths, 256)):
+        start = 0
+        for i in records:
+            # Logit at position t predicts token t+1: record i's predictions sit at [start, start+len-1).
+            packed_means[i] = packed_losses[row, start : start + lengths[i] - 1].sum() / n_labels[i]
+            start += lengths[i]
+    torch.testing.assert_close(packed_means, unpacked_means, rtol=0, atol=1e-5)
+
+    # One step's gradients of the per-token loss agree too.
+    def grads(loss):
+        tiny_model.zero_grad()
+        loss.backward()
+        return {name: p.grad.clone() for name, p in tiny_model.named_parameters() if p.grad is not None}
+
+    tokens = float(n_labels.sum())
+    unpacked_grads, packed_grads = grads(padded_sum / tokens), grads(packed_sum / tokens)
+    assert unpacked_grads.keys() == packed_grads.keys() and unpacked_grads
+    for name, grad in unpacked_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    # The check has teeth: packing without restarting positions lets records see each other.
+    leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])}
+    with torch.no_grad():
+        leaky_losses, _ = _token_losses(tiny_model, leaky)
+    assert (leaky_losses - packed_losses.detach()).abs().max() > 1e-3
+
+
+def test_packing_fills_rows_on_real_instruction_data(shared_records_path, tmp_path):
+    with open(shared_records_path) as f:
+        records = json.load(f)
+    testing.build_tokenizer(tmp_path, vocab_size=4096, corpus=[r["instruction"] + "\n" + r["output"] for r in records])
+    ids, _ = _tokenized(records, tmp_path, max_length=1024)
+    lengths = [len(x) for x in ids]
+    rows = batching.pack_lengths(lengths, 1024)
+    fraction = sum(lengths) / (len(rows) * 1024)
+    assert fraction >= 0.97, fraction
+    # Padding each micro-batch of 8 records to its longest (pad) wastes far more.
+    pad_fraction = sum(lengths) / sum(8 * max(lengths[i : i + 8]) for i in range(0, len(lengths), 8))
+    assert pad_fraction < 0.8 * fraction, pad_fraction
+
+
+def test_group_keeps_the_micro_batch_count_and_groups_lengths(ray_local):
+    rng = np.random.default_rng(1)
+    rows = [{"input_ids": np.arange(n, dtype=np.int32), "labels": np.arange(n, dtype=np.int32), "num_tokens": n} for n in rng.integers(2, 200, 700)]
+    dataset = ray_local.data.from_items(rows)
+    counts, padded_tokens = {}, {}
+    for strategy in ("pad", "group"):
+        batches = list(batching.micro_batches(dataset, strategy, micro_batch_size=4, pad_token_id=0, shuffle_rows=64, seed=7))
+        counts[strategy] = len(batches)
+        padded_tokens[strategy] = sum(b["input_ids"].numel() for b in batches)
+        assert sum(int(b[batching.NUM_TOKENS]) for b in batches) == sum(r["num_tokens"] for r in rows)
+    assert counts["pad"] == counts["group"] == 175  # what plan_steps counts: ceil(700 / 4)
+    assert padded_tokens["group"] < 0.75 * padded_tokens["pad"]
+
+
+def test_unknown_batching_is_refused():
+    with pytest.raises(ValueError, match="unknown batching 'packed'"):
+        train.TrainConfig(preset="cpu", batching="packed")
+
+
+def test_packing_refuses_attention_that_ignores_positions(tiny_model):
+    batching.check_packing_attention(tiny_model.config)  # GPT-J's default, eager
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        batching.check_packing_attention(types.SimpleNamespace(_attn_implementation="flash_attention_2"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", batching.STRATEGIES)
+def test_distributed_training_with_each_batching(strategy, ray_local, tiny_model_dir, tmp_path):
+    dataset = tasks.write_jsonl(tasks.generate(160, seed=11), tmp_path / "tasks.jsonl")
+    summary = train.run(
+        train.TrainConfig(
+            model=tiny_model_dir,
+            dataset=str(dataset),
+            batching=strategy,
+            max_length=128,
+            eval_fraction=0.1,
+            max_steps=6,
+            micro_batch_size=2 if strategy == "pack" else 8,
+            learning_rate=2e-3,
+            warmup_steps=1,
+            log_every=1,
+            eval_every=0,
+            checkpoint_every=0,
+            num_workers=2,
+            cpus_per_worker=0.5,
+            preset="cpu",
+            storage_path=str(tmp_path / "runs"),
+            name=f"batching-{strategy}",
+        )
+    )
+    assert summary["steps"] == 6 and summary["finished"] is True
+    assert np.isfinite(summary["train_loss"]) and np.isfinite(summary["eval_loss"])
+    with open(os.path.join(summary["checkpoint"], checkpoint.HISTORY_FILE)) as f:
+        history = [json.loads(line) for line in f]
+    assert [row["step"] for row in history] == list(range(1, 7))
+    assert history[-1]["train_loss"] < history[0]["train_loss"]

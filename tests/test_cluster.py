@@ -1,0 +1,214 @@
+"""cluster.yaml passes Ray's own launcher validation; jobs run through `ray job submit`
+on a real local Ray cluster, as users run them on a GPU cluster."""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from dolly_ray import tasks, testing, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cluster_config():
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_passes_ray_validation(cluster_config):
+    validate_config(prepare_config(copy.deepcopy(cluster_config)))
+
+
+def test_the_validation_catches_a_broken_config(cluster_config):
+    broken = copy.deepcopy(cluster_config)
+    broken["available_node_types"]["a10g_4x"]["min_wokers"] = 1
+    with pytest.raises(jsonschema.ValidationError, match="min_wokers"):
+        validate_config(prepare_config(broken))
+
+
+def test_every_worker_type_is_a_gpu_node_named_by_its_accelerator(cluster_config):
+    node_types = cluster_config["available_node_types"]
+    workers = {name: node for name, node in node_types.items() if name != cluster_config["head_node_type"]}
+    assert {node["node_config"]["InstanceType"].split(".")[0] for node in workers.values()} == {"g5", "p3"}
+    for name, node in workers.items():
+        resources = node["resources"]
+        assert resources["GPU"] >= 1 and resources["CPU"] >= 1, name
+        assert [key for key in resources if key.startswith("accelerator_type:")] in (["accelerator_type:A10G"], ["accelerator_type:V100"]), name
+        assert node["min_workers"] <= node["max_workers"], name
+    assert "GPU" not in node_types[cluster_config["head_node_type"]]["resources"]
+
+
+def test_every_node_installs_this_version_of_the_project(cluster_config):
+    version = importlib.metadata.version("dolly_ray")
+    prepared = prepare_config(copy.deepcopy(cluster_config))
+    wheel = f"dolly_ray-{version}-py3-none-any.whl"
+    for commands in (prepared["head_setup_commands"], prepared["worker_setup_commands"]):
+        assert any("pip install" in command and wheel in command for command in commands)
+    assert "./dist" in cluster_config["file_mounts"].values()
+
+
+def test_nothing_listens_beyond_the_head_nodes_localhost(cluster_config):
+    text = (REPO / "cluster.yaml").read_text()
+    assert "0.0.0.0" not in text
+    assert any("--dashboard-host=127.0.0.1" in command for command in cluster_config["head_start_ray_commands"])
+
+
+def test_auto_preset_settles_gpu_or_cpu_on_the_driver():
+    auto = train.TrainConfig(preset="auto")
+    assert (train.resolve_auto_preset(auto, cluster_gpus=0).preset, train.resolve_auto_preset(auto, 0).use_gpu) == ("cpu", False)
+    with_gpus = train.resolve_auto_preset(auto, cluster_gpus=8)
+    assert (with_gpus.preset, with_gpus.use_gpu) == ("auto", True)  # the workers pick from their GPUs
+    # Asking for GPUs waits for the autoscaler instead of falling back to the CPU.
+    assert train.resolve_auto_preset(train.TrainConfig(preset="auto", accelerator_type="A10G"), 0).use_gpu is True
+    assert train.resolve_auto_preset(train.TrainConfig(preset="auto", use_gpu=True), 0).use_gpu is True
+    assert train.resolve_auto_preset(train.TrainConfig(preset="auto", use_gpu=False), 8).preset == "cpu"
+    assert train.resolve_auto_preset(train.TrainConfig(preset="v100"), 0).preset == "v100"
+
+
+# --- a real local cluster and `ray job submit` -------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """A `ray start --head` cluster of its own (ports, temp dir, auth token)."""
+
+    def __init__(self, temp_dir: Path):
+        self.temp_dir = temp_dir
+        self.dashboard_port = _free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        # The submitting shell holds the cluster's token, as with `ray get-auth-token`.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        self.env.update(
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=secrets.token_hex(16),
+        )
+        command = [
+            "ray", "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats",
+            "--port", str(_free_port()),
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+            "--dashboard-agent-listen-port", str(_free_port()),
+            "--temp-dir", str(temp_dir),
+        ]  # fmt: skip
+        # --block ties the cluster's processes to this one, so stopping it stops only this cluster.
+        self.process = subprocess.Popen(command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while self.ray_job("list").returncode != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the local Ray cluster did not start")
+            time.sleep(2)
+
+    def ray_job(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["ray", "job", *args[:1], "--address", self.address, *args[1:]],
+            env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        )  # fmt: skip
+
+    def submit(self, job_id: str, *entrypoint: str) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir .`, waiting for the job to end as a user's shell would."""
+        return self.ray_job("submit", "--working-dir", ".", "--submission-id", job_id, "--", *entrypoint, timeout=900)
+
+    def status(self, job_id: str) -> str:
+        """The job's final state as `ray job status` words it: succeeded, failed, ..."""
+        result = self.ray_job("status", job_id)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)  # colours
+        return text.split(f"Job '{job_id}' ", 1)[1].split()[0]
+
+    def logs(self, job_id: str) -> str:
+        return self.ray_job("logs", job_id).stdout
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _summary(logs: str) -> dict:
+    """The JSON summary a job prints last (progress bars may share its line)."""
+    start = logs.rindex('{"')
+    return json.JSONDecoder().raw_decode(logs[start:])[0]
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    # Short path: Ray's Unix socket paths live under it and have a length limit.
+    temp_dir = Path(tempfile.mkdtemp(prefix="dolly_ray_cluster_"))
+    cluster = LocalCluster(temp_dir)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return testing.build_model(tmp_path_factory.mktemp("submitted-model"))
+
+
+@pytest.mark.slow
+def test_train_then_batch_generate_through_ray_job_submit(local_cluster, model, tmp_path):
+    records = tasks.generate(48, seed=3)
+    tasks.write_jsonl(records, tmp_path / "tasks.jsonl")
+
+    trained = local_cluster.submit(
+        "train-ok",
+        "python", "jobs/train.py", "--preset", "cpu", "--model", str(model), "--dataset", str(tmp_path / "tasks.jsonl"),
+        "--num-workers", "2", "--cpus-per-worker", "0.5", "--max-steps", "4", "--micro-batch-size", "4",
+        "--eval-fraction", "0", "--storage-path", str(tmp_path / "runs"), "--name", "submitted",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert local_cluster.status("train-ok") == "succeeded"
+    summary = _summary(local_cluster.logs("train-ok"))
+    assert summary["finished"] and summary["steps"] == 4 and summary["preset"] == "cpu"
+    hf_model = Path(summary["hf_model"])
+    assert hf_model.is_relative_to(tmp_path / "runs" / "submitted") and (hf_model / "model.safetensors").is_file()
+
+    output = tmp_path / "answers.jsonl"
+    generated = local_cluster.submit(
+        "batch-ok",
+        "python", "jobs/batch_generate.py", "--model", str(hf_model), "--input", str(tmp_path / "tasks.jsonl"),
+        "--output", str(output), "--num-actors", "1", "--num-cpus-per-actor", "0.5", "--max-new-tokens", "4", "--greedy",
+    )  # fmt: skip
+    assert generated.returncode == 0, generated.stdout[-3000:] + generated.stderr[-3000:]
+    assert local_cluster.status("batch-ok") == "succeeded"
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["instruction"] for row in rows] == [record["instruction"] for record in records]
+    assert all(row["error"] is None and isinstance(row["response"], str) for row in rows)
+    assert _summary(local_cluster.logs("batch-ok"))["rows"] == len(records)
+
+
+@pytest.mark.slow
+def test_a_failing_job_ends_failed_with_its_one_line_error(local_cluster, model, tmp_path):
+    missing = tmp_path / "absent.jsonl"
+    failed = local_cluster.submit("train-bad", "python", "jobs/train.py", "--preset", "cpu", "--model", str(model), "--dataset", str(missing))
+    assert failed.returncode != 0
+    assert local_cluster.status("train-bad") == "failed"
+    error_lines = [line for line in local_cluster.logs("train-bad").splitlines() if line.startswith("error:")]
+    assert error_lines == [f"error: cannot read {missing}: no such file or directory"]
