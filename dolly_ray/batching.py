@@ -132,26 +132,29 @@ def prepare(dataset, strategy: str, max_length: int, seed: int = 0):
 # --- collating (worker side) --------------------------------------------------------
 
 
-class PadCollator(NumpyBatchCollateFn):
-    """Right-pads each micro-batch to its longest row (Dolly's way).
+def _right_padded(batch: dict[str, np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """input_ids and labels of a micro-batch right-padded to its longest row (labels with
+    -100, so padding never counts in the loss), and that longest length."""
+    rows = batch["input_ids"]
+    longest = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, row_labels) in enumerate(zip(rows, batch["labels"])):
+        input_ids[i, : len(ids)] = torch.as_tensor(ids)
+        labels[i, : len(ids)] = torch.as_tensor(row_labels)
+    return input_ids, labels, longest
 
-    Labels are padded with -100 so padding never counts in the loss; the attention
-    mask hides it from the real tokens.
-    """
+
+class PadCollator(NumpyBatchCollateFn):
+    """Right-pads each micro-batch to its longest row (Dolly's way); the attention mask
+    hides the padding from the real tokens."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        rows = batch["input_ids"]
-        longest = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, (ids, row_labels) in enumerate(zip(rows, batch["labels"])):
-            input_ids[i, : len(ids)] = torch.as_tensor(ids)
-            labels[i, : len(ids)] = torch.as_tensor(row_labels)
-            attention_mask[i, : len(ids)] = 1
+        input_ids, labels, longest = _right_padded(batch, self.pad_token_id)
+        attention_mask = (torch.arange(longest) < torch.tensor([len(row) for row in batch["input_ids"]])[:, None]).long()
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, NUM_TOKENS: attention_mask.sum()}
 
 
@@ -166,14 +169,9 @@ class PackCollator(NumpyBatchCollateFn):
         self.pad_token_id = pad_token_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        rows = batch["input_ids"]
-        longest = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, (ids, row_labels, lengths) in enumerate(zip(rows, batch["labels"], batch["lengths"])):
-            input_ids[i, : len(ids)] = torch.as_tensor(ids)
-            labels[i, : len(ids)] = torch.as_tensor(row_labels)
+        input_ids, labels, longest = _right_padded(batch, self.pad_token_id)
+        position_ids = torch.zeros_like(input_ids)
+        for i, (ids, lengths) in enumerate(zip(batch["input_ids"], batch["lengths"])):
             segments = [*lengths, longest - len(ids)] if len(ids) < longest else lengths
             position_ids[i] = torch.cat([torch.arange(int(n)) for n in segments])
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, NUM_TOKENS: torch.tensor(int(batch["num_tokens"].sum()))}
