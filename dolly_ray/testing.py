@@ -70,3 +70,19 @@ def build_model(
     torch.manual_seed(seed)
     GPTJForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+def cpu_train_config(model: str | Path, dataset: str | Path, storage_path: str | Path, name: str, **overrides):
+    """A TrainConfig for a tiny ZeRO-3 run on 2 local CPU workers.
+
+    Each worker takes half a CPU so Ray Data keeps one on a 2-core machine; records are
+    short, 10% are held out, and eval runs only at the end unless overridden.
+    """
+    from dolly_ray import train
+
+    settings = dict(
+        max_length=128, eval_fraction=0.1, eval_every=0, num_workers=2, cpus_per_worker=0.5, preset="cpu"
+    )
+    return train.TrainConfig(
+        model=str(model), dataset=str(dataset), storage_path=str(storage_path), name=name, **{**settings, **overrides}
+    )

@@ -155,24 +155,18 @@ def test_packing_refuses_attention_that_ignores_positions(tiny_model):
 def test_distributed_training_with_each_batching(strategy, ray_local, tiny_model_dir, tmp_path):
     dataset = tasks.write_jsonl(tasks.generate(160, seed=11), tmp_path / "tasks.jsonl")
     summary = train.run(
-        train.TrainConfig(
-            model=tiny_model_dir,
-            dataset=str(dataset),
+        testing.cpu_train_config(
+            tiny_model_dir,
+            dataset,
+            tmp_path / "runs",
+            f"batching-{strategy}",
             batching=strategy,
-            max_length=128,
-            eval_fraction=0.1,
             max_steps=6,
             micro_batch_size=2 if strategy == "pack" else 8,
             learning_rate=2e-3,
             warmup_steps=1,
             log_every=1,
-            eval_every=0,
             checkpoint_every=0,
-            num_workers=2,
-            cpus_per_worker=0.5,
-            preset="cpu",
-            storage_path=str(tmp_path / "runs"),
-            name=f"batching-{strategy}",
         )
     )
     assert summary["steps"] == 6 and summary["finished"] is True

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dolly_ray import batch, data, fuzz, tasks, train
+from dolly_ray import batch, data, fuzz, tasks, testing, train
 
 
 def _good(n, seed=3):
@@ -104,21 +104,7 @@ def test_batch_job_answers_or_flags_every_hostile_row(ray_local, tiny_model_dir,
 def test_training_on_a_half_hostile_file_uses_exactly_the_good_half(ray_local, tiny_model_dir, tmp_path):
     path = tmp_path / "hostile.jsonl"
     lines = fuzz.write_mixed_jsonl(path, _good(120), seed=4)
-    config = train.TrainConfig(
-        model=tiny_model_dir,
-        dataset=str(path),
-        max_length=128,
-        eval_fraction=0.1,
-        epochs=1,
-        micro_batch_size=8,
-        eval_every=0,
-        checkpoint_every=0,
-        num_workers=2,
-        cpus_per_worker=0.5,
-        preset="cpu",
-        storage_path=str(tmp_path / "runs"),
-        name="hostile",
-    )
+    config = testing.cpu_train_config(tiny_model_dir, path, tmp_path / "runs", "hostile", epochs=1, micro_batch_size=8, checkpoint_every=0)
     summary = train.run(config)
     usable = _usable(lines)
     in_eval = [data.in_eval_split(r["instruction"], r.get("input") or "", r["output"], config.seed, config.eval_fraction) for r in usable]

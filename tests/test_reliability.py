@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dolly_ray import batch, checkpoint, tasks, train
+from dolly_ray import batch, checkpoint, tasks, testing, train
 from dolly_ray.generation import InstructionGenerator
 
 
@@ -83,23 +83,17 @@ def test_training_survives_three_worker_kills_without_retraining_a_record(ray_lo
     dataset = tasks.write_jsonl(tasks.generate(200, seed=5), tmp_path / "tasks.jsonl")
 
     def config(name, **overrides):
-        return train.TrainConfig(
-            model=tiny_model_dir,
-            dataset=str(dataset),
-            max_length=128,
-            eval_fraction=0.1,
+        return testing.cpu_train_config(
+            tiny_model_dir,
+            dataset,
+            tmp_path,
+            name,
             max_steps=12,  # inside the first epoch
             micro_batch_size=2,
             learning_rate=2e-3,
             warmup_steps=3,
             log_every=1,
-            eval_every=0,
             checkpoint_every=3,
-            num_workers=2,
-            cpus_per_worker=0.5,
-            preset="cpu",
-            storage_path=str(tmp_path),
-            name=name,
             **overrides,
         )
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from dolly_ray import checkpoint, demo, prompts, tasks, train
+from dolly_ray import checkpoint, demo, prompts, tasks, testing, train
 
 
 def _history(checkpoint_path):
@@ -72,23 +72,17 @@ print(json.dumps(answers))
 
 
 def _resume_config(model_dir, dataset, storage, name, **overrides):
-    return train.TrainConfig(
-        model=model_dir,
-        dataset=str(dataset),
-        max_length=128,
-        eval_fraction=0.1,
+    return testing.cpu_train_config(
+        model_dir,
+        dataset,
+        storage,
+        name,
         epochs=2,
         micro_batch_size=8,
         learning_rate=2e-3,
         warmup_steps=3,
         log_every=1,
-        eval_every=0,
         checkpoint_every=4,
-        num_workers=2,
-        cpus_per_worker=0.5,
-        preset="cpu",
-        storage_path=str(storage),
-        name=name,
         **overrides,
     )
 
