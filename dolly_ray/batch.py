@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ SORT_WINDOW = 4
 _REQUEST_SCHEMA = pa.schema(
     [("__record", pa.string()), ("__instruction", pa.string()), ("__input", pa.string()), ("__error", pa.string())]
 )
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class BatchError(ValueError):
@@ -101,8 +105,12 @@ def input_columns(spec: str | Columns) -> Columns:
 # --- reading ----------------------------------------------------------------------
 
 
-def _requests(source: str, rows: list[int], records: list[Any], columns: Columns) -> pa.Table:
-    """The pipeline's rows for raw records: the record as JSON, its request, or why there is none."""
+def _requests(source: str, rows: list[int], records: list[Any], columns: Columns, fmt: str) -> pa.Table:
+    """The pipeline's rows for raw records: the record as JSON, its request, or why there is none.
+
+    Parquet holds only valid UTF-8, so for Parquet output a record with a lone surrogate
+    in any field becomes an error row (see ``_ParquetWriter``); JSONL keeps it exactly.
+    """
     texts, instructions, inputs, errors = [], [], [], []
     for record in records:
         if isinstance(record, data.Unparseable):
@@ -114,19 +122,47 @@ def _requests(source: str, rows: list[int], records: list[Any], columns: Columns
         # ASCII JSON: a lone surrogate (from a "\ud800" escape) stays an escape, which Arrow accepts.
         texts.append(json.dumps(record if isinstance(record, dict) else {"value": record}, default=str))
         checked = data.validate_record(record, columns)
-        failed = bool(checked["skip_reason"])
-        instructions.append(None if failed else checked["instruction"])
-        inputs.append(None if failed else checked["input"])
-        errors.append(f"{checked['skip_reason']}: {checked['skip_detail']}" if failed else None)
+        error = f"{checked['skip_reason']}: {checked['skip_detail']}" if checked["skip_reason"] else None
+        if error is None and fmt == "parquet" and (field := _field_with_lone_surrogate(record)) is not None:
+            error = (
+                f"invalid_unicode: field {field!r} holds a lone surrogate, which Parquet cannot store; "
+                "it is written as U+FFFD (JSONL output keeps it exactly)"
+            )
+        instructions.append(None if error else checked["instruction"])
+        inputs.append(None if error else checked["input"])
+        errors.append(error)
     return pa.Table.from_arrays(
         [pa.array(texts), pa.array(instructions, pa.string()), pa.array(inputs, pa.string()), pa.array(errors, pa.string())],
         schema=_REQUEST_SCHEMA,
     )
 
 
-def read_requests(source: str, columns: Columns, split: str = "train"):
+def _field_with_lone_surrogate(record: Any) -> str | None:
+    """The first top-level field whose name or value (at any depth) is not valid Unicode."""
+    items = record.items() if isinstance(record, dict) else [("value", record)]
+    for name, value in items:
+        try:
+            json.dumps({name: value}, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return name
+    return None
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """``value`` with every lone surrogate replaced by U+FFFD. After ``json.loads`` any
+    surrogate left in a string is lone: escaped pairs have become one character."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def read_requests(source: str, columns: Columns, output_format: str, split: str = "train"):
     """A Ray Dataset of the pipeline's rows, one per input record, in input order."""
-    return data.read_raw(source, split, functools.partial(_requests, columns=columns))
+    return data.read_raw(source, split, functools.partial(_requests, columns=columns, fmt=output_format))
 
 
 # --- generating -------------------------------------------------------------------
@@ -181,9 +217,12 @@ def _infer_column(values: list) -> pa.Array:
     return _as_text(values) if pa.types.is_null(array.type) else array
 
 
-def _rows(batch: pa.Table) -> tuple[list[str], list[dict]]:
-    """The original records of an output batch, with result-name clashes renamed."""
+def _rows(batch: pa.Table, valid_unicode: bool = False) -> tuple[list[str], list[dict]]:
+    """The original records of an output batch, with result-name clashes renamed
+    (and, if ``valid_unicode``, lone surrogates replaced: such rows carry an error)."""
     records = [json.loads(text) for text in batch["__record"].to_pylist()]
+    if valid_unicode:
+        records = [_without_lone_surrogates(record) for record in records]
     names: dict[str, None] = {}
     for record in records:
         for name in list(record):
@@ -220,7 +259,7 @@ class _ParquetWriter:
 
         if batch.num_rows == 0:
             return
-        names, records = _rows(batch)
+        names, records = _rows(batch, valid_unicode=True)
         if self.writer is None:
             arrays = [_infer_column([r.get(n) for r in records]) for n in names]
             originals = pa.Table.from_arrays(arrays, names=names) if names else pa.table({})
@@ -339,7 +378,7 @@ def run(config: BatchConfig) -> dict[str, Any]:
     context.execution_options.preserve_order = True  # the output file follows the input
     try:
         # Blocks of rows_per_call rows, so that every actor gets a share of even one file.
-        requests = read_requests(config.input, columns, config.split).repartition(target_num_rows_per_block=rows_per_call)
+        requests = read_requests(config.input, columns, fmt, config.split).repartition(target_num_rows_per_block=rows_per_call)
         dataset = requests.map_batches(
             Generate,
             fn_constructor_args=(config, "cuda" if num_gpus > 0 else "cpu"),

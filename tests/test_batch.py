@@ -98,6 +98,36 @@ def test_column_mapping_and_parquet_out(ray_local, tiny_model_dir, tmp_path, exp
     assert summary["rows"] == 9 and summary["errors"] == 6
 
 
+def test_lone_surrogates_flag_the_row_in_parquet_and_stay_exact_in_jsonl(ray_local, tiny_model_dir, tmp_path):
+    # JSON lets a string escape half of a surrogate pair; such a value is not text, and
+    # Parquet stores only valid UTF-8.
+    lines = [
+        r'{"instruction": "Say hi.", "note": "plain", "id": 1}',
+        r'{"instruction": "Say hi.", "note": "bad \udfff here", "id": 2}',
+        r'{"instruction": "Say \ud800 hi.", "note": "plain", "id": 3}',
+        r'{"instruction": "Say hi.", "note": "a pair \ud83d\ude00 is fine", "id": 4}',
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+
+    def run(output):
+        return batch.run(batch.BatchConfig(model=tiny_model_dir, input=str(source), output=str(tmp_path / output), **PARAMS))
+
+    summary = run("out.parquet")
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["id"] for r in rows] == [1, 2, 3, 4] and summary["errors"] == 2
+    assert rows[0]["error"] is None and rows[3]["error"] is None and rows[3]["note"] == "a pair \U0001f600 is fine"
+    assert rows[1]["error"].startswith("invalid_unicode: field 'note'") and "U+FFFD" in rows[1]["error"]
+    assert rows[1]["response"] is None and rows[1]["note"] == "bad \ufffd here"
+    assert rows[2]["error"].startswith("invalid_unicode: field 'instruction'") and rows[2]["instruction"] == "Say \ufffd hi."
+
+    summary = run("out.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [1, 2, 3, 4] and summary["errors"] == 1
+    assert rows[1]["error"] is None and isinstance(rows[1]["response"], str) and rows[1]["note"] == "bad \udfff here"
+    assert rows[2]["error"].startswith("invalid_unicode") and rows[2]["instruction"] == "Say \ud800 hi."
+
+
 def test_saved_hf_dataset_in(ray_local, tiny_model_dir, tmp_path, expected):
     import datasets
 
