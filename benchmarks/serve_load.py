@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -44,12 +43,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-cpus-per-replica", type=float, default=1.0)
     p.add_argument("--num-gpus-per-replica", type=float, default=0.0)
     return p.parse_args()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load(url: str, concurrency: int, total: int, max_new_tokens: int) -> dict:
@@ -100,7 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(testing.build_model(os.path.join(tmp, "tiny-gptj")))
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        port = _free_port()
+        port = testing.free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
         runs: dict[str, dict] = {}

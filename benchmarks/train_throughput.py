@@ -135,9 +135,8 @@ class DeepSpeedStep:
             learning_rate=1e-5, weight_decay=0.0, warmup_steps=1, total_steps=1_000_000,
         )
         self._hf_ds_config = HfDeepSpeedConfig(ds_config)  # partitions the model as it is built
-        dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=deepspeed_config.model_dtype(ds_config))
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5) if deepspeed_config.uses_client_optimizer(preset) else None

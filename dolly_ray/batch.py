@@ -137,10 +137,10 @@ def _requests(source: str, rows: list[int], records: list[Any], columns: Columns
     )
 
 
-def _field_with_lone_surrogate(record: Any) -> str | None:
-    """The first top-level field whose name or value (at any depth) is not valid Unicode."""
-    items = record.items() if isinstance(record, dict) else [("value", record)]
-    for name, value in items:
+def _field_with_lone_surrogate(record: dict) -> str | None:
+    """The first top-level field whose name or value (at any depth) is not valid Unicode.
+    (Only valid records get here, and those are objects.)"""
+    for name, value in record.items():
         try:
             json.dumps({name: value}, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:

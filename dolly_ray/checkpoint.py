@@ -48,10 +48,13 @@ def load(engine, directory: str | Path) -> tuple[dict, list[dict]]:
     path, client_state = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag="state")
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed state in {directory / DEEPSPEED_DIR}")
-    history = []
-    if (directory / HISTORY_FILE).exists():
-        history = [json.loads(line) for line in (directory / HISTORY_FILE).read_text().splitlines() if line]
-    return client_state, history
+    return client_state, read_history(directory) if (directory / HISTORY_FILE).exists() else []
+
+
+def read_history(directory: str | Path) -> list[dict]:
+    """The metric rows a checkpoint holds, one per reported step."""
+    text = (Path(directory) / HISTORY_FILE).read_text()
+    return [json.loads(line) for line in text.splitlines() if line]
 
 
 def plot_loss_curve(history: list[dict], path: str | Path) -> None:

@@ -70,6 +70,15 @@ def merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
+def model_dtype(config: dict):
+    """The torch dtype to build the model in, so its weights match the config's precision."""
+    import torch
+
+    if config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if config.get("fp16", {}).get("enabled") else torch.float32
+
+
 def uses_client_optimizer(preset: str) -> bool:
     """Whether the training loop must build a torch optimizer instead of DeepSpeed's."""
     return bool(PRESETS[preset].get("client_optimizer"))

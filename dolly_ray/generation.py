@@ -116,6 +116,21 @@ def local_model_dir(name_or_path: str, *, weights: bool = True) -> str:
     return target
 
 
+def context_positions(model_config) -> int | None:
+    """The model's context length in tokens, under whichever name its config uses (None: unknown)."""
+    return getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
+
+
+def prompt_budget(positions: int | None, max_new_tokens: int) -> int | None:
+    """How many prompt tokens fit beside ``max_new_tokens`` in ``positions`` (None: no limit)."""
+    if positions is None:
+        return None
+    budget = positions - max_new_tokens
+    if budget < 2:  # at least the response key and its newline
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's {positions} positions")
+    return budget
+
+
 def check_model(name_or_path: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, max_new_tokens: int | None = None) -> None:
     """Refuse on a job's driver what every worker would refuse later: a model that is not
     there or will not load, custom code without ``trust_remote_code``, pickle-only weights
@@ -135,9 +150,8 @@ def check_model(name_or_path: str, *, trust_remote_code: bool = False, allow_pic
     except Exception as e:  # not found, offline, no config.json, remote code refused
         hint = "; pass --trust-remote-code only if you trust that code" if "trust_remote_code" in str(e) else ""
         raise ValueError(f"cannot load model {name_or_path!r}: {type(e).__name__}: {str(e).splitlines()[0]}{hint}") from None
-    positions = getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
-    if max_new_tokens is not None and positions is not None and max_new_tokens >= positions - 1:
-        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {positions} positions")
+    if max_new_tokens is not None:
+        prompt_budget(context_positions(model_config), max_new_tokens)
 
 
 def default_device() -> torch.device:
@@ -192,8 +206,7 @@ class InstructionGenerator:
                 f"the tokenizer's prompt-key ids {self.ids} do not fit the model's {vocab} embeddings; "
                 "resize the embeddings to len(tokenizer) and fine-tune before generating"
             )
-        config = model.config
-        self.max_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        self.max_positions = context_positions(model.config)
 
     @classmethod
     def from_pretrained(
@@ -232,15 +245,7 @@ class InstructionGenerator:
 
     def prompt_budget(self, max_new_tokens: int) -> int | None:
         """How many prompt tokens fit beside ``max_new_tokens`` in the context (None: no limit)."""
-        if self.max_positions is None:
-            return None
-        budget = self.max_positions - max_new_tokens
-        if budget < 2:  # at least the response key and its newline
-            raise ValueError(
-                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                f"{self.max_positions} positions"
-            )
-        return budget
+        return prompt_budget(self.max_positions, max_new_tokens)
 
     def generate(
         self,

@@ -65,6 +65,11 @@ class ServeConfig:
     trust_remote_code: bool = option(False, "run model code from the model repository (only for models you trust)")
     allow_pickle: bool = option(False, "allow non-safetensors weights (pickle can run code)")
 
+    @property
+    def served_name(self) -> str:
+        """The name clients send as ``model``."""
+        return self.model_name or default_model_name(self.model)
+
 
 class ServeError(ValueError):
     """A server that cannot start: a bad option or a model that does not load."""
@@ -565,9 +570,8 @@ def _application(config: ServeConfig):
         options["autoscaling_config"] = config.autoscaling
     else:
         options["num_replicas"] = config.num_replicas
-    name = config.model_name or default_model_name(config.model)
     api_key = config.api_key or os.environ.get(API_KEY_ENV, "")
-    return InstructionServer.options(**options).bind(config, name, api_key)
+    return InstructionServer.options(**options).bind(config, config.served_name, api_key)
 
 
 def app_builder(args: dict[str, Any]):
@@ -599,7 +603,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
-    logger.info("serving %s at %s (OpenAI base URL %s/v1); Ctrl-C stops", config.model_name or default_model_name(config.model), url, url)
+    logger.info("serving %s at %s (OpenAI base URL %s/v1); Ctrl-C stops", config.served_name, url, url)
     try:
         while True:
             time.sleep(3600)

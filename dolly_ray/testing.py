@@ -86,3 +86,12 @@ def cpu_train_config(model: str | Path, dataset: str | Path, storage_path: str |
     return train.TrainConfig(
         model=str(model), dataset=str(dataset), storage_path=str(storage_path), name=name, **{**settings, **overrides}
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

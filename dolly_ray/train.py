@@ -229,15 +229,13 @@ def check_model(config: TrainConfig) -> None:
 
 def _load_model(config: TrainConfig, ds_config: dict, tokenizer):
     """The model, partitioned across ranks as it loads (never whole on one worker)."""
-    import torch
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     # Must exist (and stay referenced) before from_pretrained: it turns on zero.Init.
     hf_ds_config = HfDeepSpeedConfig(ds_config)
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        config.model, dtype=dtype, use_safetensors=None if config.allow_pickle else True, trust_remote_code=config.trust_remote_code
+        config.model, dtype=deepspeed_config.model_dtype(ds_config), use_safetensors=None if config.allow_pickle else True, trust_remote_code=config.trust_remote_code
     )
     # num_embeddings is the module's own count, valid while the weight is partitioned.
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -40,13 +40,9 @@ def serve_http(ray_local):
 
     The module deploys its applications on it; they go when the module ends.
     """
-    import socket
-
     from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = testing.free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

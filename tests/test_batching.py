@@ -1,7 +1,6 @@
 """Batching strategies: packing is exact (same losses and gradients), dense, and trains."""
 
 import json
-import os
 import types
 
 import numpy as np
@@ -171,7 +170,6 @@ def test_distributed_training_with_each_batching(strategy, ray_local, tiny_model
     )
     assert summary["steps"] == 6 and summary["finished"] is True
     assert np.isfinite(summary["train_loss"]) and np.isfinite(summary["eval_loss"])
-    with open(os.path.join(summary["checkpoint"], checkpoint.HISTORY_FILE)) as f:
-        history = [json.loads(line) for line in f]
+    history = checkpoint.read_history(summary["checkpoint"])
     assert [row["step"] for row in history] == list(range(1, 7))
     assert history[-1]["train_loss"] < history[0]["train_loss"]

@@ -11,7 +11,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -86,18 +85,12 @@ def test_auto_preset_settles_gpu_or_cpu_on_the_driver():
 # --- a real local cluster and `ray job submit` -------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalCluster:
     """A `ray start --head` cluster of its own (ports, temp dir, auth token)."""
 
     def __init__(self, temp_dir: Path):
         self.temp_dir = temp_dir
-        self.dashboard_port = _free_port()
+        self.dashboard_port = testing.free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         # The submitting shell holds the cluster's token, as with `ray get-auth-token`.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
@@ -108,9 +101,9 @@ class LocalCluster:
         )
         command = [
             "ray", "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats",
-            "--port", str(_free_port()),
+            "--port", str(testing.free_port()),
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-            "--dashboard-agent-listen-port", str(_free_port()),
+            "--dashboard-agent-listen-port", str(testing.free_port()),
             "--temp-dir", str(temp_dir),
         ]  # fmt: skip
         # --block ties the cluster's processes to this one, so stopping it stops only this cluster.

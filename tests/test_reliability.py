@@ -65,11 +65,6 @@ class WorkerKiller(threading.Thread):
             time.sleep(0.1)
 
 
-def _history(checkpoint_path):
-    with open(os.path.join(checkpoint_path, checkpoint.HISTORY_FILE)) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.mark.slow
 def test_training_survives_three_worker_kills_without_retraining_a_record(ray_local, tiny_model_dir, tmp_path):
     """Three workers SIGKILLed mid-epoch; the run restarts from its latest checkpoint each time.
@@ -113,7 +108,7 @@ def test_training_survives_three_worker_kills_without_retraining_a_record(ray_lo
     assert faulty["finished"] is True and faulty["steps"] == clean["steps"] == 12
     assert faulty["epoch"] < 1  # the kills were mid-epoch
 
-    clean_history, faulty_history = _history(clean["checkpoint"]), _history(faulty["checkpoint"])
+    clean_history, faulty_history = checkpoint.read_history(clean["checkpoint"]), checkpoint.read_history(faulty["checkpoint"])
     assert [row["step"] for row in faulty_history] == list(range(1, 13))
     for before, after in zip(clean_history, faulty_history):
         assert after["train_loss"] == pytest.approx(before["train_loss"], rel=1e-4), after["step"]

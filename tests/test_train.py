@@ -11,11 +11,6 @@ from safetensors.torch import load_file
 from dolly_ray import checkpoint, demo, prompts, tasks, testing, train
 
 
-def _history(checkpoint_path):
-    with open(os.path.join(checkpoint_path, checkpoint.HISTORY_FILE)) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope="module")
 def demo_run(ray_local, tmp_path_factory):
     """The README's demo, end to end: the learning tests below all read its results."""
@@ -26,7 +21,7 @@ def demo_run(ray_local, tmp_path_factory):
 def test_tiny_model_learns_heldout_tasks(demo_run):
     assert demo_run["exact_match"] >= 0.9, demo_run["heldout_examples"]
     assert demo_run["stopped_at_end_key"] == 1.0
-    history = _history(demo_run["checkpoint"])
+    history = checkpoint.read_history(demo_run["checkpoint"])
     assert history[-1]["train_loss"] < history[0]["train_loss"] / 4
     assert demo_run["eval_loss"] < history[0]["train_loss"] / 4
 
@@ -97,7 +92,7 @@ def test_resume_continues_exactly_where_it_stopped(ray_local, tiny_model_dir, tm
     resumed = train.run(_resume_config(tiny_model_dir, dataset, tmp_path, "interrupted"))
     assert resumed["finished"] is True and resumed["steps"] == full["steps"] > 5
 
-    full_history, resumed_history = _history(full["checkpoint"]), _history(resumed["checkpoint"])
+    full_history, resumed_history = checkpoint.read_history(full["checkpoint"]), checkpoint.read_history(resumed["checkpoint"])
     assert [row["step"] for row in resumed_history] == list(range(1, full["steps"] + 1))
     for before, after in zip(full_history, resumed_history):
         assert after["learning_rate"] == pytest.approx(before["learning_rate"], rel=1e-9)
