@@ -6,6 +6,11 @@ over all prompts at once (left padding, length-sorted micro-batches). (c) is
 ``dolly_ray.batch.run`` with two actors, timed from the first block to the last row
 written, so it includes starting the actors and loading the model in each.
 
+The default model is the tests' tiny random GPT-J with a tokenizer trained on ``--data``
+(``--vocab-size`` 4096): about 3.7 characters per token, near GPT-J's own, so prompts
+have realistic token counts (median 44). The tests' letter-level tokenizer would make
+them twice as long, and prefill and attention would dominate.
+
 (a) and (b) should give identical texts; the count of mismatches is printed, not hidden.
 The last line is JSON. On a shared or busy machine timings vary a lot: ``--repeats``
 keeps the fastest of several runs of (a) and (b), and ``--threads 1`` avoids the
@@ -72,9 +77,13 @@ def main() -> None:
     )
     p.add_argument("--model", default=None, help="model directory; default: a tiny random GPT-J built in a temp dir")
     p.add_argument("--data", default=DEFAULT_DATA, help="JSON array of records with an instruction field")
+    p.add_argument(
+        "--vocab-size", type=int, default=4096,
+        help="tokenizer of the default model, trained on --data: GPT-J-like tokens per word",
+    )
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64, help="micro-batch rows for (b) and (c)")
+    p.add_argument("--batch-size", type=int, default=128, help="most micro-batch rows for (b) and (c)")
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="micro-batch cap on rows x padded length; 0: none")
     p.add_argument("--repeats", type=int, default=2, help="runs of (a) and (b); the fastest counts")
     p.add_argument("--threads", type=int, default=0, help="torch threads for (a) and (b); 0: torch's default")
@@ -85,9 +94,16 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or str(testing.build_model(os.path.join(tmp, "tiny-gptj")))
         with open(args.data) as f:
-            instructions = [r["instruction"] for r in json.load(f)[: args.num_prompts]]
+            records = json.load(f)
+        instructions = [r["instruction"] for r in records[: args.num_prompts]]
+        model_dir = args.model or str(
+            testing.build_model(
+                os.path.join(tmp, "tiny-gptj"),
+                tokenizer_corpus=[f"{r['instruction']}\n{r.get('output', '')}" for r in records],
+                tokenizer_vocab_size=args.vocab_size,
+            )
+        )
         generator = InstructionGenerator.from_pretrained(model_dir)
         model, tokenizer = generator.model, generator.tokenizer
         params = GenerationParams(greedy=True, max_new_tokens=args.max_new_tokens)
@@ -109,7 +125,7 @@ def main() -> None:
         tokens_b = sum(r.num_generated_tokens for r in out_b)
         mismatches = [i for i, ((text, _), r) in enumerate(zip(out_a, out_b)) if text != r.response]
         result = {
-            "model": args.model or "tiny random GPT-J (dolly_ray.testing.build_model)",
+            "model": args.model or f"tiny random GPT-J (dolly_ray.testing.build_model), {args.vocab_size}-token BPE trained on --data",
             "prompts": len(instructions),
             "max_new_tokens": args.max_new_tokens,
             "batch_size": args.batch_size,

@@ -50,15 +50,21 @@ def build_model(
     n_positions: int = 2048,
     vocab_size: int = 512,
     seed: int = 0,
+    tokenizer_corpus: list[str] | None = None,
+    tokenizer_vocab_size: int = 400,
 ) -> Path:
-    """Write a randomly initialised GPT-J and a tiny tokenizer to ``path`` (safetensors)."""
+    """Write a randomly initialised GPT-J and a tiny tokenizer to ``path`` (safetensors).
+
+    ``tokenizer_corpus`` and ``tokenizer_vocab_size`` go to ``build_tokenizer``. Like
+    GPT-J's, the embeddings have spare rows for the prompt keys the project adds.
+    """
     import torch
     from transformers import GPTJConfig, GPTJForCausalLM
 
     path = Path(path)
-    tokenizer = build_tokenizer(path)
+    tokenizer = build_tokenizer(path, vocab_size=tokenizer_vocab_size, corpus=tokenizer_corpus)
     config = GPTJConfig(
-        vocab_size=max(vocab_size, len(tokenizer)),
+        vocab_size=max(vocab_size, len(tokenizer) + len(prompts.SPECIAL_TOKENS)),
         n_positions=n_positions,
         n_embd=n_embd,
         n_layer=n_layer,

@@ -160,6 +160,16 @@ def test_model_without_rows_for_the_prompt_keys_is_refused(tiny_model_dir):
         InstructionGenerator(model, tokenizer)
 
 
+def test_a_tiny_model_with_an_english_tokenizer_has_rows_for_the_prompt_keys(tmp_path):
+    """The benchmarks' tiny model: a tokenizer trained on real text fills its whole
+    vocabulary, and the model still has embeddings for the keys added on top, as GPT-J has."""
+    corpus = [f"Item {i} of {i * 7} costs {i % 13} coins." for i in range(1000)]
+    path = testing.build_model(tmp_path, tokenizer_corpus=corpus, tokenizer_vocab_size=600)
+    generator = InstructionGenerator.from_pretrained(str(path))
+    assert generator.model.get_input_embeddings().weight.shape[0] >= len(generator.tokenizer) > 512
+    assert generator.generate(["Name a colour."], GenerationParams(greedy=True, max_new_tokens=2))[0].num_generated_tokens >= 1
+
+
 def test_pickled_weights_need_allow_pickle(tiny_model_dir, tmp_path):
     import shutil
 
