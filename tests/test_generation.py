@@ -194,6 +194,12 @@ def test_defaults():
         GenerationParams(temperature=0).validate()
 
 
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_gpus_generate_in_bf16_where_supported_else_fp16(bf16, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert default_dtype("cuda") == default_dtype(torch.device("cuda", 1)) == expected
+
+
 def test_a_model_on_remote_storage_is_fetched_once_then_loaded(tiny_model_dir, tmp_path, monkeypatch):
     # file:// goes through the same pyarrow filesystem copy as s3:// or gs://.
     monkeypatch.setattr("dolly_ray.generation.MODEL_CACHE", str(tmp_path / "cache"))
