@@ -100,7 +100,7 @@ def main() -> None:
         model_dir = args.model or str(
             testing.build_model(
                 os.path.join(tmp, "tiny-gptj"),
-                tokenizer_corpus=[f"{r['instruction']}\n{r.get('output', '')}" for r in records],
+                tokenizer_corpus=testing.english_corpus(records),
                 tokenizer_vocab_size=args.vocab_size,
             )
         )

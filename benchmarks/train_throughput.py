@@ -196,7 +196,7 @@ def main() -> None:
         tokenizer = args.tokenizer
         if tokenizer is None:
             with open(args.data) as f:
-                corpus = [f"{r.get('instruction', '')}\n{r.get('input', '')}\n{r.get('output', '')}" for r in json.load(f)]
+                corpus = testing.english_corpus(json.load(f))
             tokenizer = tmp
             testing.build_tokenizer(tmp, vocab_size=args.vocab_size, corpus=corpus)
         from dolly_ray import prompts

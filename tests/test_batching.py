@@ -113,7 +113,7 @@ def test_packed_forward_gives_the_same_losses_and_gradients(tiny_model, tiny_mod
 def test_packing_fills_rows_on_real_instruction_data(shared_records_path, tmp_path):
     with open(shared_records_path) as f:
         records = json.load(f)
-    testing.build_tokenizer(tmp_path, vocab_size=4096, corpus=[r["instruction"] + "\n" + r["output"] for r in records])
+    testing.build_tokenizer(tmp_path, vocab_size=4096, corpus=testing.english_corpus(records))
     ids, _ = _tokenized(records, tmp_path, max_length=1024)
     lengths = [len(x) for x in ids]
     rows = batching.pack_lengths(lengths, 1024)

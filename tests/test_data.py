@@ -198,7 +198,7 @@ def test_shared_alpaca_eval_records(ray_local, tmp_path, shared_records_path):
     the only skips.
     """
     with open(shared_records_path) as f:
-        corpus = [r["instruction"] + "\n" + r["output"] for r in json.load(f)]
+        corpus = testing.english_corpus(json.load(f))
     model_dir = tmp_path / "english"
     testing.build_tokenizer(model_dir, vocab_size=8000, corpus=corpus)
     report = _prepare(shared_records_path, str(model_dir), max_length=2048).report()
