@@ -150,8 +150,10 @@ def test_packing_refuses_attention_that_ignores_positions(tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", batching.STRATEGIES)
+@pytest.mark.parametrize("strategy", [s for s in batching.STRATEGIES if s != "pad"])
 def test_distributed_training_with_each_batching(strategy, ray_local, tiny_model_dir, tmp_path):
+    """group and pack under Ray Train + ZeRO-3. pad is left to the learning test, whose
+    demo run trains with it and must cut the loss fourfold."""
     dataset = tasks.write_jsonl(tasks.generate(160, seed=11), tmp_path / "tasks.jsonl")
     summary = train.run(
         testing.cpu_train_config(
