@@ -274,10 +274,11 @@ def _sse(payload: Any) -> str:
 class InstructionServer:
     """One replica: a loaded model, a batch queue and the HTTP routes in front of them."""
 
-    def __init__(self, config: ServeConfig, model_name: str, api_key: str):
+    def __init__(self, config: ServeConfig, api_key: str):
+        """``api_key`` comes resolved from the driver, whose environment holds it."""
         from dolly_ray.generation import InstructionGenerator
 
-        self.config, self.model_name, self.api_key = config, model_name, api_key
+        self.config, self.model_name, self.api_key = config, config.served_name, api_key
         self.generator = InstructionGenerator.from_pretrained(
             config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle
         )
@@ -571,7 +572,7 @@ def _application(config: ServeConfig):
     else:
         options["num_replicas"] = config.num_replicas
     api_key = config.api_key or os.environ.get(API_KEY_ENV, "")
-    return InstructionServer.options(**options).bind(config, config.served_name, api_key)
+    return InstructionServer.options(**options).bind(config, api_key)
 
 
 def app_builder(args: dict[str, Any]):

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from dolly_ray import deepspeed_config
 
@@ -38,8 +39,6 @@ def test_presets_match_their_hardware():
     assert v100["fp16"]["enabled"] and v100["fp16"]["loss_scale"] == 0 and "bf16" not in v100
     assert v100["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "bf16" not in cpu and "fp16" not in cpu
-    import torch
-
     assert [deepspeed_config.model_dtype(c) for c in (a100, a10, v100, cpu)] == [torch.bfloat16, torch.bfloat16, torch.float16, torch.float32]
     assert deepspeed_config.model_dtype(_build("a100", bf16={"enabled": False})) == torch.float32
 
