@@ -3,7 +3,7 @@
 Same model, same prompts, greedy decoding. (a) is Dolly's README ``generate_response``:
 tokenize one prompt, ``model.generate``, decode. (b) is ``InstructionGenerator.generate``
 over all prompts at once (left padding, length-sorted micro-batches). (c) is
-``dolly_ray.batch.run`` with two actors, timed from the first block to the last row
+``dolly_ray.batch_generate.run`` with two actors, timed from the first block to the last row
 written, so it includes starting the actors and loading the model in each.
 
 The default model is the tests' tiny random GPT-J with a tokenizer trained on ``--data``
@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from dolly_ray import batch, prompts, testing
+from dolly_ray import batch_generate, prompts, testing
 from dolly_ray.generation import GenerationParams, InstructionGenerator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,8 +153,8 @@ def main() -> None:
             source = os.path.join(tmp, "prompts.jsonl")
             with open(source, "w") as f:
                 f.writelines(json.dumps({"instruction": i}) + "\n" for i in instructions)
-            summary = batch.run(
-                batch.BatchConfig(
+            summary = batch_generate.run(
+                batch_generate.BatchConfig(
                     model=model_dir,
                     input=source,
                     output=os.path.join(tmp, "responses.jsonl"),

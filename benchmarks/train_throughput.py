@@ -36,23 +36,27 @@ import time
 import numpy as np
 import torch
 
-from dolly_ray import batching, data, deepspeed_config, testing
+from dolly_ray import batching, data, memory_plan, prompts, sources, testing
+from dolly_ray.engine import build_engine
+from dolly_ray.train_config import StepPlan, TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "alpaca_eval_davinci003.json")
 
 
-def tokenized_records(path: str, tokenizer: str, max_length: int) -> dict[str, np.ndarray]:
+def tokenized_records(path: str, tokenizer, max_length: int) -> dict[str, np.ndarray]:
     """The records as training rows, through the same validation and tokenization as training."""
     with open(path) as f:
-        records = json.load(f)
-    table = data.validated_table(path, list(range(1, len(records) + 1)), records, data.parse_columns("alpaca"))
-    rows = data.Tokenize(tokenizer, max_length, seed=0, eval_fraction=0.0)(table).to_pydict()
-    usable = [i for i, reason in enumerate(rows["skip_reason"]) if not reason]
-    if not usable:
+        checked = [sources.validate_record(record, sources.parse_columns("alpaca")) for record in json.load(f)]
+    valid = [record for record in checked if not record["skip_reason"]]
+    rows = [row for row in data.tokenize_records(valid, tokenizer, max_length) if not row.too_long]
+    if not rows:
         raise SystemExit(f"no usable records in {path}")
-    column = lambda name: _objects([np.asarray(rows[name][i], np.int32) for i in usable])  # noqa: E731
-    return {"input_ids": column("input_ids"), "labels": column("labels"), "num_tokens": np.array([rows["num_tokens"][i] for i in usable])}
+    return {
+        "input_ids": _objects([np.asarray(row.input_ids, np.int32) for row in rows]),
+        "labels": _objects([np.asarray(row.labels, np.int32) for row in rows]),
+        "num_tokens": np.array([row.num_tokens for row in rows]),
+    }
 
 
 def _objects(values: list) -> np.ndarray:
@@ -61,21 +65,21 @@ def _objects(values: list) -> np.ndarray:
     return array
 
 
-def epoch_of_micro_batches(strategy: str, records: dict, *, micro_batch_size: int, pack_rows: int, max_length: int, pad_token_id: int, seed: int):
+def epoch_of_micro_batches(strategy: str, records: dict, *, micro_batch_size: int, pack_rows: int, max_length: int, tokenizer, seed: int):
     """One shuffled epoch of one strategy's micro-batches, as a training worker gets them,
     each with the lengths of the records inside it."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(records["num_tokens"]))
     shuffled = {name: values[order] for name, values in records.items()}
     if strategy == "pack":
-        packed = batching.Pack(max_length)(shuffled)
+        packed = batching.pack_batch(shuffled, max_length=max_length, response_id=tokenizer.convert_tokens_to_ids(prompts.RESPONSE_KEY))
         rows = {name: _objects([np.asarray(v) for v in packed[name].to_pylist()]) for name in ("input_ids", "labels", "lengths")}
         rows["num_tokens"] = packed["num_tokens"].to_numpy()
-        collate = batching.PackCollator(pad_token_id)
+        collate = batching.PackedRowsCollator(tokenizer.pad_token_id)
         perm = rng.permutation(packed.num_rows)
         groups = [perm[i : i + pack_rows] for i in range(0, len(perm), pack_rows)]
         return [(collate({name: values[g] for name, values in rows.items()}), [int(n) for row in rows["lengths"][g] for n in row]) for g in groups]
-    collate = batching.PadCollator(pad_token_id)
+    collate = batching.PaddedRecordsCollator(tokenizer.pad_token_id)
     if strategy == "group":
         window = micro_batch_size * batching.GROUP_WINDOW_BATCHES
         groups = [start + g for start in range(0, len(order), window) for g in batching.length_groups(shuffled["num_tokens"][start : start + window], micro_batch_size, rng)]
@@ -119,29 +123,19 @@ class TorchStep:
 
 
 class DeepSpeedStep:
-    """The training run's engine: DeepSpeed ZeRO-3 from a project preset, world size 1."""
+    """The training run's engine (``dolly_ray.engine.build_engine``): DeepSpeed ZeRO-3 from a project
+    preset (a100 on a GPU, cpu on a CPU), world size 1, randomly initialised."""
 
-    def __init__(self, config, device, gradient_checkpointing: bool, micro_batch_size: int):
-        import deepspeed
-        from transformers import AutoModelForCausalLM
-        from transformers.integrations import HfDeepSpeedConfig
-
+    def __init__(self, config, device, gradient_checkpointing: bool, micro_batch_size: int, tokenizer_dir: str):
         for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
             os.environ.setdefault(key, value)
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-        preset = "a100" if device.type == "cuda" else "cpu"
-        ds_config = deepspeed_config.build(
-            preset, world_size=1, micro_batch_size=micro_batch_size, gradient_accumulation_steps=1,
-            learning_rate=1e-5, weight_decay=0.0, warmup_steps=1, total_steps=1_000_000,
+        run = TrainConfig(
+            model=tokenizer_dir, preset="a100" if device.type == "cuda" else "cpu", num_workers=1, micro_batch_size=micro_batch_size,
+            gradient_checkpointing=gradient_checkpointing, learning_rate=1e-5, warmup_steps=1, seed=0, batching="pad",
         )
-        self._hf_ds_config = HfDeepSpeedConfig(ds_config)  # partitions the model as it is built
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=deepspeed_config.model_dtype(ds_config))
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5) if deepspeed_config.uses_client_optimizer(preset) else None
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds_config)
-        self.parameters = sum(p.ds_numel for p in model.parameters())
+        plan = StepPlan(micro_batches_per_epoch=1, total_steps=1_000_000, eval_batches=0)
+        self.engine, _, self.preset = build_engine(run, plan, world_size=1, model_config=config)
+        self.parameters = sum(p.ds_numel for p in self.engine.module.parameters())
 
     def __call__(self, batch: dict) -> float:
         loss = self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()}, use_cache=False).loss
@@ -192,20 +186,18 @@ def main() -> None:
     args.pack_rows = args.pack_rows or args.micro_batch_size
     engine = args.engine or ("deepspeed" if device.type == "cuda" else "torch")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = args.tokenizer
-        if tokenizer is None:
-            with open(args.data) as f:
-                corpus = testing.english_corpus(json.load(f))
-            tokenizer = tmp
-            testing.build_tokenizer(tmp, vocab_size=args.vocab_size, corpus=corpus)
-        from dolly_ray import prompts
-
-        tok = prompts.load_tokenizer(tokenizer)
-        records = tokenized_records(args.data, tokenizer, args.max_length)
+    tokenizer_dir = args.tokenizer
+    if tokenizer_dir is None:
+        with open(args.data) as f:
+            corpus = testing.english_corpus(json.load(f))
+        tokenizer_dir = tempfile.mkdtemp(prefix="dolly_ray_tokenizer_")
+        testing.build_tokenizer(tokenizer_dir, vocab_size=args.vocab_size, corpus=corpus)
+    tok = prompts.load_tokenizer(tokenizer_dir)
+    records = tokenized_records(args.data, tok, args.max_length)
     config = build_model(args, len(tok), tok.eos_token_id)
     if engine == "deepspeed":
-        step = DeepSpeedStep(config, device, args.gradient_checkpointing, args.micro_batch_size)
+        shape = memory_plan.ModelShape.from_config(config)  # before the engine: its ZeRO-3 setting changes how models are built
+        step = DeepSpeedStep(config, device, args.gradient_checkpointing, args.micro_batch_size, tokenizer_dir)
         n_params = step.parameters
     else:
         step = TorchStep(config, device, args.gradient_checkpointing)
@@ -217,10 +209,12 @@ def main() -> None:
     for strategy in args.strategies.split(","):
         batches = epoch_of_micro_batches(
             strategy, records, micro_batch_size=args.micro_batch_size, pack_rows=args.pack_rows,
-            max_length=args.max_length, pad_token_id=tok.pad_token_id, seed=args.seed,
+            max_length=args.max_length, tokenizer=tok, seed=args.seed,
         )
         useful_all = sum(int(b.pop(batching.NUM_TOKENS)) for b, _ in batches)
         computed_all = sum(b["input_ids"].numel() for b, _ in batches)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         for batch, _ in batches[: args.warmup_steps]:
             step(batch)
         if device.type == "cuda":
@@ -246,11 +240,21 @@ def main() -> None:
             "timed_micro_batches": timed,
             "timed_useful_tokens": useful,
             "seconds": seconds,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         }
+        if engine == "deepspeed":  # what the training run's memory plan predicts for this micro-batch
+            rows = args.pack_rows if strategy == "pack" else args.micro_batch_size
+            planned = memory_plan.plan(
+                shape, preset=step.preset, workers=1, micro_batch_size=rows,
+                max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing,
+            )  # fmt: skip
+            results[strategy]["planned_gib"] = planned.per_gpu_gib
 
-    print(f"{'strategy':<9}{'useful tok/s':>14}{'useful frac':>13}{'MFU':>9}{'mb/epoch':>10}{'timed mb':>10}{'seconds':>9}")
+    print(f"{'strategy':<9}{'useful tok/s':>14}{'useful frac':>13}{'MFU':>9}{'mb/epoch':>10}{'timed mb':>10}{'seconds':>9}{'peak GiB':>10}{'plan GiB':>10}")
     for strategy, r in results.items():
-        print(f"{strategy:<9}{r['useful_tokens_per_s']:>14.1f}{r['useful_fraction']:>13.3f}{r['mfu']:>9.2%}{r['micro_batches_per_epoch']:>10}{r['timed_micro_batches']:>10}{r['seconds']:>9.1f}")
+        peak_gib = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        plan_gib = f"{r['planned_gib']['total']:.1f}" if "planned_gib" in r else "-"
+        print(f"{strategy:<9}{r['useful_tokens_per_s']:>14.1f}{r['useful_fraction']:>13.3f}{r['mfu']:>9.2%}{r['micro_batches_per_epoch']:>10}{r['timed_micro_batches']:>10}{r['seconds']:>9.1f}{peak_gib:>10}{plan_gib:>10}")
     lengths = records["num_tokens"]
     summary = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",

@@ -11,14 +11,16 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 _SCALAR_TYPES = {"int": int, "float": float, "str": str}
 
 
 class ConfigError(ValueError):
-    """A bad flag, YAML file or config value."""
+    """A job that cannot start as configured: a bad flag, YAML file or value, or a model
+    or input that is not there; jobs print it as one line."""
 
 
 def option(default, help: str):
@@ -92,22 +94,64 @@ def load_yaml(path: str) -> dict:
     return {key.replace("-", "_"): value for key, value in values.items()}
 
 
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+def check_at_least(config, minimum: float, *names: str) -> None:
+    """Refuse a numeric option below ``minimum``, naming its flag and value; None is unset."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {minimum:g}, got {value}")
+
+
+def add_summary_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--summary-file", metavar="PATH", help="also write the JSON summary to this file, a local path or URI such as s3://bucket/run.json (default: none)")
+
+
+def finish(summary: dict, summary_file: str | None = None, lines: Sequence[str] = ()) -> None:
+    """End a job: ``lines`` for people, then the JSON summary as the last line of stdout
+    (and into ``summary_file``, local or a URI).
+
+    Ray stops streaming worker output first, so nothing from the run comes after the
+    summary in a combined log (``ray job logs``, ``2>&1``), and a newline on stderr ends
+    any line a log left unfinished, so the summary stands on a line of its own.
+    """
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    from dolly_ray import storage
+
+    text = json.dumps(summary)
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stderr.write("\n")
+    sys.stderr.flush()
+    for line in lines:
+        print(line)
+    print(text, flush=True)
+    if summary_file:
+        try:
+            filesystem, where = storage.output_filesystem(summary_file)
+            with filesystem.open_output_stream(where) as f:
+                f.write((text + "\n").encode())
+        except OSError as e:
+            raise ConfigError(f"cannot write --summary-file {summary_file}: {e}") from None
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """Run an entry point: user errors become one line on stderr and exit status 2."""
+    """Run an entry point: user errors become one line on stderr and exit status 2.
+
+    Off a terminal (a log file, `ray job logs`) progress bars are off: their control
+    characters would land among the job's lines.
+    """
     from ray.train import TrainingFailedError
 
-    from dolly_ray.data import DataError
     from dolly_ray.prompts import SpecialTokenError
+    from dolly_ray.sources import DataError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the hub's, transformers' and datasets' bars
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         main()
     except (ConfigError, DataError, SpecialTokenError, ValueError, FileNotFoundError) as e:

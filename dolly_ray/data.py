@@ -1,96 +1,32 @@
-"""Instruction records through Ray Data: read, validate, format, tokenize, split.
+"""Training preparation with Ray Data: validated records -> Dolly text -> token ids, labels, split.
 
-Every source becomes rows of one schema: where the row came from (``source``,
-``row``), the normalised ``instruction``/``input``/``output`` strings, and a
-``skip_reason`` that is empty for a usable record. Bad records are never dropped
-silently: they keep their row until the report pass has counted them, and in strict
-mode the first one stops the run with its source, row and field.
+The records come from ``sources.read_records`` (every source, with exact rows and
+skip reasons). Here they are formatted in the Dolly prompt, tokenized, given labels on
+the response and ``### End`` only (``labels.record_labels``), and split into train and
+eval by content. Bad records are never dropped silently: they keep their row until
+the report pass has counted them, and in strict mode the first one stops the run with
+its source, row and field.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import functools
-import gc
 import hashlib
-import io
-import json
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from dolly_ray import prompts
+from dolly_ray import labels, prompts
+from dolly_ray.sources import SCHEMAS, DataError, iterate, read_records
 
 logger = logging.getLogger(__name__)
 
-FILE_FORMATS = (".json", ".jsonl", ".parquet")
-# Parsed records are emitted in blocks of this many rows so one large file never
-# becomes one huge block.
-_ROWS_PER_BLOCK = 4096
-
-_RECORD_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("row", pa.int64()),
-        ("instruction", pa.string()),
-        ("input", pa.string()),
-        ("output", pa.string()),
-        ("skip_reason", pa.string()),
-        ("skip_detail", pa.string()),
-    ]
-)
-
-
-class DataError(ValueError):
-    """Input data that cannot be used: a bad source, or a bad record in strict mode."""
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Which source columns hold the instruction, the optional input, and the response."""
-
-    instruction: str = "instruction"
-    input: str | None = "input"
-    output: str | None = "output"  # None: generation, which reads no response
-
-
-SCHEMAS = {
-    "alpaca": Columns("instruction", "input", "output"),
-    "dolly": Columns("instruction", "context", "response"),
-}
-
-
-def parse_columns(spec: str | Columns, *, require_output: bool = True) -> Columns:
-    """A schema name (``alpaca``, ``dolly``) or ``instruction=A,input=B,output=C``.
-
-    ``input=`` with no name means the records have no input column. Generation needs no
-    output column (``require_output=False``); one named anyway is ignored.
-    """
-    if isinstance(spec, Columns):
-        columns = spec
-    elif spec in SCHEMAS:
-        columns = SCHEMAS[spec]
-    else:
-        if "=" not in spec:
-            raise DataError(f"unknown column schema {spec!r}; use one of {sorted(SCHEMAS)} or instruction=A,input=B,output=C")
-        names: dict[str, str | None] = {}
-        for part in spec.split(","):
-            key, _, value = part.partition("=")
-            key, value = key.strip(), value.strip()
-            if key not in ("instruction", "input", "output"):
-                raise DataError(f"unknown column role {key!r} in {spec!r}; roles are instruction, input, output")
-            names[key] = value or None
-        if not names.get("instruction") or (require_output and not names.get("output")):
-            needed = "both the instruction and the output column" if require_output else "the instruction column"
-            raise DataError(f"column mapping {spec!r} must name {needed}")
-        columns = Columns(names["instruction"], names.get("input", "input"), names.get("output") or "output")
-    return columns if require_output else Columns(columns.instruction, columns.input, None)
+TRAINING_COLUMNS = ["input_ids", "labels", "num_tokens"]
 
 
 @dataclass
@@ -106,211 +42,6 @@ class DataConfig:
     strict: bool = False
 
 
-# --- validation -------------------------------------------------------------------
-
-
-class Unparseable(NamedTuple):
-    """A row of a file that could not even be decoded into a record."""
-
-    reason: str
-    detail: str
-
-
-def validate_record(record: Any, columns: Columns) -> dict[str, str]:
-    """Normalise one raw record to strings, or say why it cannot be trained on."""
-    out = {"instruction": "", "input": "", "output": "", "skip_reason": "", "skip_detail": ""}
-
-    def skip(reason: str, detail: str) -> dict[str, str]:
-        out["skip_reason"], out["skip_detail"] = reason, detail
-        return out
-
-    if not isinstance(record, dict):
-        return skip("not_an_object", f"record is of type {type(record).__name__}, not an object")
-    roles = [("instruction", columns.instruction, True), ("input", columns.input, False), ("output", columns.output, True)]
-    for role, name, required in roles:
-        if name is None:
-            continue
-        value = record.get(name)
-        if name not in record or value is None:
-            if required:
-                absent = "missing" if name not in record else "null"
-                return skip(f"{absent}_{role}", f"field {name!r} is {absent}")
-            continue
-        if not isinstance(value, str):
-            return skip(f"non_string_{role}", f"field {name!r} is of type {type(value).__name__}, not a string")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate from a JSON escape such as "\ud800"
-            return skip("invalid_unicode", f"field {name!r} holds a lone surrogate, which is not text")
-        if required and not value.strip():
-            return skip(f"empty_{role}", f"field {name!r} is empty")
-        key = prompts.contains_prompt_key(value)
-        if key:
-            return skip(f"prompt_key_in_{role}", f"field {name!r} contains the prompt key {key!r}")
-        out[role] = value
-    return out
-
-
-def _validated(record: Any, columns: Columns) -> dict[str, str]:
-    if isinstance(record, Unparseable):
-        return {"instruction": "", "input": "", "output": "", "skip_reason": record.reason, "skip_detail": record.detail}
-    return validate_record(record, columns)
-
-
-def validated_table(source: str, rows: list[int], records: list[Any], columns: Columns) -> pa.Table:
-    """Raw records of one source as a block in the record schema (see ``read_raw``)."""
-    checked = [_validated(record, columns) for record in records]
-    values = {name: [r[name] for r in checked] for name in _RECORD_SCHEMA.names[2:]}
-    return pa.Table.from_pydict({"source": [source] * len(rows), "row": rows, **values}, schema=_RECORD_SCHEMA)
-
-
-def _parse_json_lines(data: bytes) -> Iterator[tuple[int, Any]]:
-    """(line number, record) for each non-blank line; bad lines yield a skip marker.
-
-    Lines end at ``\\n`` only, as JSON Lines defines them: a stray ``\\r`` inside a line
-    must not split one record into two rows and shift every row number after it.
-    """
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line.decode("utf-8-sig"))
-        except UnicodeDecodeError as e:
-            yield number, Unparseable("invalid_utf8", f"line is not UTF-8: {e.reason}")
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, or too many digits / too deep to parse
-            yield number, Unparseable("malformed_json", f"line is not JSON: {e.msg if isinstance(e, json.JSONDecodeError) else e}")
-
-
-def _parse_file(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
-    """(row number, record) pairs of one JSON array, JSONL or Parquet file.
-
-    JSON files may hold an array or one object per line, as ``datasets`` accepts.
-    Rows are numbered from 1 (the line number in JSONL, the position otherwise).
-    """
-    suffix = PurePosixPath(path).suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            parquet = pq.ParquetFile(io.BytesIO(data))
-        except pa.ArrowException as e:
-            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-        number = 0
-        for batch in parquet.iter_batches(batch_size=_ROWS_PER_BLOCK):
-            for record in batch.to_pylist():
-                number += 1
-                yield number, record
-        return
-    if suffix not in (".json", ".jsonl"):
-        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected one of {FILE_FORMATS}")
-    if data[:4] == b"PAR1":
-        raise DataError(f"{path}: holds Parquet data, not JSON; rename it to .parquet")
-    if data.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"[":
-        try:
-            records = json.loads(data.decode("utf-8-sig"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise DataError(f"{path}: not a valid JSON array ({type(e).__name__}: {e})") from None
-        yield from enumerate(records, start=1)
-    else:
-        yield from _parse_json_lines(data)
-
-
-# --- reading ----------------------------------------------------------------------
-
-
-def _is_saved_hf_dataset(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, name)) for name in ("dataset_info.json", "dataset_dict.json"))
-
-
-def is_hub_id(source: str) -> bool:
-    """``owner/name`` or ``name`` that is no local path and no URL: a Hugging Face dataset id."""
-    return "://" not in source and not os.path.exists(source) and PurePosixPath(source).suffix.lower() not in FILE_FORMATS
-
-
-def _files_to_tables(files: dict[str, np.ndarray], to_table: Callable) -> Iterator[pa.Table]:
-    """map_batches over (path, bytes) rows: each file becomes blocks of converted records."""
-    for path, blob in zip(files["path"], files["bytes"]):
-        rows, records = [], []
-        for number, record in _parse_file(str(path), blob):
-            rows.append(number)
-            records.append(record)
-            if len(rows) == _ROWS_PER_BLOCK:
-                yield to_table(str(path), rows, records)
-                rows, records = [], []
-        if rows:
-            yield to_table(str(path), rows, records)
-
-
-def _arrow_to_table(batch: pa.Table, source: str, to_table: Callable) -> pa.Table:
-    records = batch.to_pylist()
-    rows = [record.pop("__row") for record in records]
-    return to_table(source, rows, records)
-
-
-def load_hf_table(source: str, split: str) -> pa.Table:
-    """One split of a hub dataset id (``datasets.load_dataset``) or a ``save_to_disk`` directory."""
-    import datasets
-
-    try:
-        if _is_saved_hf_dataset(source):
-            dataset = datasets.load_from_disk(source)
-        else:
-            dataset = datasets.load_dataset(source, split=split)
-        if isinstance(dataset, datasets.DatasetDict):
-            if split not in dataset:
-                raise DataError(f"{source} has splits {list(dataset)}, not {split!r}")
-            dataset = dataset[split]
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types for "not found / not loadable"
-        raise DataError(f"cannot load dataset {source!r}: {type(e).__name__}: {e}") from None
-    return dataset.with_format("arrow")[:]  # memory-mapped: no record data is copied
-
-
-def read_raw(source: str, split: str, to_table: Callable[[str, list[int], list[Any]], pa.Table], *, use_datasets: bool | None = None):
-    """Any supported source as a Ray Dataset of ``to_table(source, rows, records)`` blocks.
-
-    ``records`` are raw: dicts as read, other JSON values, or ``Unparseable`` for lines
-    that could not be decoded; ``rows`` number them from 1 within their source. Files
-    (local, s3://, gs://) are read by Ray workers, each file whole by one task so row
-    numbers are exact; hub ids and ``datasets`` directories are loaded with ``datasets``.
-    ``use_datasets=True`` loads any source with ``datasets`` (a local copy of a hub
-    dataset repository, say). Training (``read_records``) and batch generation share
-    this one reader.
-    """
-    import ray.data
-
-    if use_datasets is None:
-        use_datasets = is_hub_id(source) or _is_saved_hf_dataset(source)
-    if use_datasets:
-        table = load_hf_table(source, split)
-        table = table.append_column("__row", pa.array(np.arange(1, table.num_rows + 1)))
-        return ray.data.from_arrow(table).map_batches(
-            _arrow_to_table, fn_kwargs={"source": source, "to_table": to_table}, batch_format="pyarrow"
-        )
-    suffix = PurePosixPath(source).suffix.lower()
-    if suffix and suffix not in FILE_FORMATS and not os.path.isdir(source):
-        raise DataError(f"{source}: unsupported file type {suffix!r}; expected one of {FILE_FORMATS}")
-    try:
-        files = ray.data.read_binary_files(
-            source, include_paths=True, file_extensions=[ext.lstrip(".") for ext in FILE_FORMATS]
-        )
-    except FileNotFoundError:
-        raise DataError(f"cannot read {source}: no such file or directory") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {source}: {e}") from None
-    return files.map_batches(_files_to_tables, fn_kwargs={"to_table": to_table}, batch_size=1)
-
-
-def read_records(config: DataConfig):
-    """A Ray Dataset of validated records, usable and skipped, in the record schema."""
-    to_table = functools.partial(validated_table, columns=parse_columns(config.columns))
-    return read_raw(config.source, config.split, to_table)
-
-
-# --- tokenization and split -------------------------------------------------------
-
-
 def in_eval_split(instruction: str, input: str, output: str, seed: int, eval_fraction: float) -> bool:
     """Decided by content and seed, so any order or parallelism gives the same split
     and duplicate records never straddle train and eval."""
@@ -318,52 +49,76 @@ def in_eval_split(instruction: str, input: str, output: str, seed: int, eval_fra
     return int.from_bytes(digest, "big") / 2**64 < eval_fraction
 
 
-class Tokenize:
-    """map_batches callable: the tokenizer is loaded once per worker, not once per batch.
+class TokenizedRecord(NamedTuple):
+    """One record's token ids and labels; both empty when it has more than ``max_length``
+    tokens (``num_tokens`` then says how many)."""
 
-    Labels are -100 up to and including the response key, so only the response and
-    ``### End`` are trained. A record longer than ``max_length`` is skipped, never
-    truncated: truncation could cut the response key and leave nothing to learn.
+    input_ids: list[int]
+    labels: list[int]
+    num_tokens: int
+
+    @property
+    def too_long(self) -> bool:
+        return not self.input_ids
+
+
+def tokenize_records(records: Sequence[dict], tokenizer, max_length: int) -> list[TokenizedRecord]:
+    """Valid records (``instruction``/``input``/``output`` strings) as training rows, without Ray.
+
+    ``tokenizer`` has the prompt keys (``prompts.load_tokenizer``). A record longer than
+    ``max_length`` is skipped, never truncated: truncation could cut the response key
+    and leave nothing to learn.
     """
-
-    def __init__(self, tokenizer: str, max_length: int, seed: int, eval_fraction: float, trust_remote_code: bool = False):
-        self.tokenizer = prompts.load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-        self.response_id = self.tokenizer.convert_tokens_to_ids(prompts.RESPONSE_KEY)
-        self.max_length, self.seed, self.eval_fraction = max_length, seed, eval_fraction
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        records = batch.to_pylist()
-        usable = [i for i, r in enumerate(records) if not r["skip_reason"]]
-        texts = [prompts.format_training_text(records[i]["instruction"], records[i]["output"], records[i]["input"]) for i in usable]
-        encoded = self.tokenizer(texts)["input_ids"] if texts else []
-        input_ids: list[list[int]] = [[] for _ in records]
-        labels: list[list[int]] = [[] for _ in records]
-        is_eval = [False] * len(records)
-        for i, ids in zip(usable, encoded):
-            record = records[i]
-            if len(ids) > self.max_length:
-                record["skip_reason"] = "too_long"
-                record["skip_detail"] = f"{len(ids)} tokens > max_length {self.max_length}"
-                continue
-            response_at = ids.index(self.response_id)
-            input_ids[i] = ids
-            labels[i] = [-100] * (response_at + 1) + ids[response_at + 1 :]
-            is_eval[i] = in_eval_split(record["instruction"], record["input"], record["output"], self.seed, self.eval_fraction)
-        return pa.Table.from_pydict(
-            {
-                "source": batch["source"],
-                "row": batch["row"],
-                "skip_reason": pa.array([r["skip_reason"] for r in records], pa.string()),
-                "skip_detail": pa.array([r["skip_detail"] for r in records], pa.string()),
-                "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
-                "labels": pa.array(labels, pa.list_(pa.int32())),
-                "num_tokens": pa.array([len(ids) for ids in input_ids], pa.int32()),
-                "is_eval": pa.array(is_eval, pa.bool_()),
-            }
-        )
+    texts = [prompts.format_training_text(r["instruction"], r["output"], r["input"]) for r in records]
+    encoded = tokenizer(texts)["input_ids"] if texts else []
+    response_id = tokenizer.convert_tokens_to_ids(prompts.RESPONSE_KEY)
+    return [
+        TokenizedRecord([], [], len(ids)) if len(ids) > max_length else TokenizedRecord(ids, labels.record_labels(ids, response_id), len(ids))
+        for ids in encoded
+    ]
 
 
-TRAINING_COLUMNS = ["input_ids", "labels", "num_tokens"]
+@functools.lru_cache(maxsize=4)
+def _tokenizer(name_or_path: str, trust_remote_code: bool, files_stamp: float):
+    """The tokenizer, loaded once per Ray worker process: Ray Data runs a pipeline's tasks
+    on the same warm processes, so only the first batch on each pays for the load.
+    ``files_stamp`` (the directory's newest change) makes a re-saved tokenizer load anew."""
+    return prompts.load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def _files_stamp(path: str) -> float:
+    return max((entry.stat().st_mtime for entry in os.scandir(path)), default=0.0) if os.path.isdir(path) else 0.0
+
+
+def tokenize_batch(batch: pa.Table, *, tokenizer: str, max_length: int, seed: int, eval_fraction: float, trust_remote_code: bool = False) -> pa.Table:
+    """map_batches function: validated records -> token ids, labels, length and split."""
+    records = batch.to_pylist()
+    usable = [i for i, r in enumerate(records) if not r["skip_reason"]]
+    loaded = _tokenizer(tokenizer, trust_remote_code, _files_stamp(tokenizer))
+    tokenized = tokenize_records([records[i] for i in usable], loaded, max_length)
+    input_ids: list[list[int]] = [[] for _ in records]
+    label_ids: list[list[int]] = [[] for _ in records]
+    is_eval = [False] * len(records)
+    for i, row in zip(usable, tokenized):
+        record = records[i]
+        if row.too_long:
+            record["skip_reason"] = "too_long"
+            record["skip_detail"] = f"{row.num_tokens} tokens > max_length {max_length}"
+            continue
+        input_ids[i], label_ids[i] = row.input_ids, row.labels
+        is_eval[i] = in_eval_split(record["instruction"], record["input"], record["output"], seed, eval_fraction)
+    return pa.Table.from_pydict(
+        {
+            "source": batch["source"],
+            "row": batch["row"],
+            "skip_reason": pa.array([r["skip_reason"] for r in records], pa.string()),
+            "skip_detail": pa.array([r["skip_detail"] for r in records], pa.string()),
+            "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
+            "labels": pa.array(label_ids, pa.list_(pa.int32())),
+            "num_tokens": pa.array([len(ids) for ids in input_ids], pa.int32()),
+            "is_eval": pa.array(is_eval, pa.bool_()),
+        }
+    )
 
 
 @dataclass
@@ -376,7 +131,6 @@ class DataReport:
     skipped: dict[str, int] = field(default_factory=dict)
     first_skip: dict[str, str] = field(default_factory=dict)  # reason -> "source row N: detail"
     token_lengths: dict[str, float] = field(default_factory=dict)  # min, median, p95, max
-    train_tokens: int = 0
 
     @property
     def num_skipped(self) -> int:
@@ -396,15 +150,11 @@ class PreparedData:
 
     def __init__(self, config: DataConfig, tokenizer: str, *, trust_remote_code: bool = False, records=None):
         """``records``: a Ray Dataset in the record schema, instead of reading ``config.source``."""
-        import ray.data
-
         self.config = config
-        self.records = (records if records is not None else read_records(config)).map_batches(
-            Tokenize,
-            fn_constructor_args=(tokenizer, config.max_length, config.seed, config.eval_fraction, trust_remote_code),
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
-        )
+        if records is None:
+            records = read_records(config.source, config.columns, config.split)
+        options = {"tokenizer": tokenizer, "max_length": config.max_length, "seed": config.seed, "eval_fraction": config.eval_fraction}
+        self.records = records.map_batches(tokenize_batch, fn_kwargs={**options, "trust_remote_code": trust_remote_code}, batch_format="pyarrow")
 
     def materialize(self) -> "PreparedData":
         """Run the pipeline once into the object store (not the driver), for several passes."""
@@ -446,19 +196,9 @@ class PreparedData:
                             raise DataError(f"invalid record ({reason}) in {where}")
                         continue
                     lengths.append(num_tokens)
-                    if is_eval:
-                        report.eval_rows += 1
-                    else:
-                        report.train_rows += 1
-                        report.train_tokens += int(num_tokens)
-        if lengths:
-            values = np.asarray(lengths)
-            report.token_lengths = {
-                "min": float(values.min()),
-                "median": float(np.median(values)),
-                "p95": float(np.percentile(values, 95)),
-                "max": float(values.max()),
-            }
+                    report.eval_rows += bool(is_eval)
+                    report.train_rows += not is_eval
+        report.token_lengths = _length_stats(lengths)
         logger.info("data %s: %s", self.config.source, report.summary())
         for reason, where in sorted(report.first_skip.items()):
             logger.info("first %s skip: %s", reason, where)
@@ -467,30 +207,19 @@ class PreparedData:
         return report
 
 
+def _length_stats(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {}
+    values = np.asarray(lengths)
+    return {
+        "min": float(values.min()),
+        "median": float(np.median(values)),
+        "p95": float(np.percentile(values, 95)),
+        "max": float(values.max()),
+    }
+
+
 def _schema_hint(report: DataReport) -> str:
     if any(reason.startswith("missing_") for reason in report.skipped):
         return f"; check the column mapping (schemas: {sorted(SCHEMAS)} or instruction=A,input=B,output=C)"
     return ""
-
-
-def iterate(dataset, batch_size: int | None = 4096, batch_format: str = "numpy") -> Iterator:
-    """Batches of a Ray Dataset, with a DataError from a worker re-raised as itself.
-
-    A failed pipeline keeps its actors, and their CPUs and GPUs, alive through a
-    reference cycle with Ray's exception: the next job in the same process (a notebook,
-    a test session) would wait for ever. So the DataError is raised without that
-    exception attached, after a collection that frees the pipeline.
-    """
-    try:
-        yield from dataset.iter_batches(batch_size=batch_size, batch_format=batch_format)
-        return
-    except Exception as e:
-        cause = e
-        while cause is not None and not isinstance(cause, DataError):
-            cause = cause.__cause__ or getattr(cause, "cause", None)
-        if cause is None:
-            raise
-        message, cause = str(cause), None
-    gc.collect()
-    raise DataError(message)
-

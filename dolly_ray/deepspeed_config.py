@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-3 presets as data, and the one function that completes them.
+"""DeepSpeed ZeRO-3 presets as data, which one a run gets, and the one function that completes them.
 
 A preset says what a kind of GPU can do (precision, what to offload); the training
 run adds what only it knows (batch sizes, world size, learning-rate schedule), so the
@@ -9,6 +9,7 @@ fill it in.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 _ZERO3 = {
@@ -41,11 +42,51 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 GPU_PRESETS = ("a100", "a10", "v100")
-# `auto` is resolved at run time: see preset_for_gpu.
+# Chosen at run time: ``cpu`` on a cluster without GPUs, else each worker's GPU decides
+# (``preset_for_gpu``).
 AUTO = "auto"
 # Below this much memory per GPU (A10/A10G: 24 GB), a 6B model's Adam state must be
 # offloaded to the CPU; A100 40 GB (which reports about 39.4 GiB) keeps it on the GPU.
 _FULL_ON_GPU_GIB = 32
+
+logger = logging.getLogger(__name__)
+
+
+def check_preset(preset: str, use_gpu: bool | None, accelerator_type: str) -> bool | None:
+    """Refuse an unknown preset and flags that contradict it; return ``use_gpu`` as the
+    preset settles it (``auto`` leaves an unset one open until the cluster is known).
+
+    ``a10`` or ``v100`` with ``use_gpu=False`` is a rehearsal on CPUs: the same precision,
+    offload and loss scaling, run by DeepSpeed's CPU accelerator.
+    """
+    if preset != AUTO and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} or auto")
+    if preset == "cpu" and use_gpu:
+        raise ValueError("preset 'cpu' is for CPU-only runs; use_gpu=True contradicts it")
+    if preset == "a100" and use_gpu is False:
+        raise ValueError("preset 'a100' keeps Adam on the GPU and cannot run on CPUs; rehearse with preset a10 or v100, or train with preset cpu")
+    if preset != AUTO and use_gpu is None:
+        use_gpu = preset in GPU_PRESETS
+    if accelerator_type and use_gpu is False:
+        raise ValueError(f"accelerator_type {accelerator_type!r} selects GPUs; use_gpu=False (or preset cpu) contradicts it")
+    return use_gpu
+
+
+def settle_on_driver(preset: str, use_gpu: bool | None, accelerator_type: str, cluster_gpus: float) -> tuple[str, bool]:
+    """``(preset, use_gpu)`` once the driver knows the cluster.
+
+    ``auto`` on a cluster without GPUs (and no ``use_gpu`` or ``accelerator_type``
+    asking to wait for the autoscaler to add some) is ``cpu``. With GPUs it stays
+    ``auto``: each worker picks the preset from the device it got (``agreed_gpu_preset``).
+    """
+    if preset != AUTO:
+        return preset, bool(use_gpu)
+    if use_gpu is None:
+        use_gpu = bool(cluster_gpus or accelerator_type)
+    if not use_gpu:
+        logger.info("preset auto: no GPUs in the cluster, using the cpu preset")
+        return "cpu", False
+    return AUTO, True
 
 
 def preset_for_gpu(compute_capability: tuple[int, int], memory_gib: float) -> str:
@@ -57,6 +98,26 @@ def preset_for_gpu(compute_capability: tuple[int, int], memory_gib: float) -> st
     if tuple(compute_capability) < (8, 0):
         return "v100"
     return "a100" if memory_gib >= _FULL_ON_GPU_GIB else "a10"
+
+
+def agreed_gpu_preset(world_size: int, rank: int) -> str:
+    """``auto`` on a training worker: the preset for this worker's GPU, which every worker
+    must share (a collective: every rank calls it)."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.cuda.get_device_properties(torch.cuda.current_device())
+    mine = (preset_for_gpu((device.major, device.minor), device.total_memory / 2**30), device.name)
+    everyone: list = [None] * world_size
+    dist.all_gather_object(everyone, mine)
+    if len({preset for preset, _ in everyone}) > 1:
+        raise RuntimeError(
+            f"preset auto: the workers have GPUs that need different presets {sorted(set(everyone))}; "
+            "pass --preset, or --accelerator-type to train on one kind of GPU"
+        )
+    if rank == 0:
+        logger.info("preset auto: chose %s for %s (%.0f GiB)", mine[0], device.name, device.total_memory / 2**30)
+    return mine[0]
 
 
 def merge(base: dict, overrides: dict) -> dict:

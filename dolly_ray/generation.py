@@ -18,7 +18,7 @@ from typing import Iterator, Mapping, Sequence, Union
 
 import torch
 
-from dolly_ray import prompts
+from dolly_ray import prompts, storage
 
 # One request: an instruction, or (instruction, input), or {"instruction": ..., "input": ...}.
 Request = Union[str, Sequence[str], Mapping[str, str]]
@@ -56,64 +56,24 @@ class GenerationResult:
     truncated: bool  # the prompt was cut from the left to fit the context
 
 
-def check_weights(name_or_path: str, *, allow_pickle: bool = False) -> None:
-    """Refuse a local model directory whose only weights are pickles, unless ``allow_pickle``.
+def check_weights(name_or_path: str, *, allow_pickle: bool = False, need_weights: bool = True) -> None:
+    """Refuse a local model directory whose only weights are pickles, unless ``allow_pickle``,
+    and one with no weights at all when they are needed (a plan needs only the config).
 
     Loading a pickle can run code. ``from_pretrained(use_safetensors=True)`` refuses such
     a directory too, but only once a worker loads it; jobs call this on their driver.
     """
-    if allow_pickle or not os.path.isdir(name_or_path):
+    if not os.path.isdir(name_or_path) or glob.glob(os.path.join(name_or_path, "*.safetensors")):
         return
-    if not glob.glob(os.path.join(name_or_path, "*.safetensors")):
+    if any(glob.glob(os.path.join(name_or_path, "*" + suffix)) for suffix in storage.WEIGHT_SUFFIXES):
+        if allow_pickle:
+            return
         raise ValueError(
             f"{name_or_path} has no safetensors weights; pickle weights can run code when loaded. "
             "Convert them to safetensors, or pass --allow-pickle if you trust the files"
         )
-
-
-MODEL_CACHE = os.path.join("~", ".cache", "dolly_ray", "models")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
-def local_model_dir(name_or_path: str, *, weights: bool = True) -> str:
-    """A model on remote storage (``s3://``, ``gs://``, any pyarrow URI, as training
-    writes with such a ``--storage-path``) copied once into a local cache; hub ids and
-    local paths come back unchanged. ``weights=False`` copies only the small files
-    (config, tokenizer), enough for a driver to check the model.
-
-    transformers only reads local directories and the hub; this lets Serve replicas and
-    batch actors on any node load the checkpoint a training run reported.
-    """
-    if "://" not in name_or_path:
-        return name_or_path
-    import hashlib
-    import shutil
-    import tempfile
-
-    import pyarrow.fs
-
-    key = hashlib.sha256(name_or_path.encode()).hexdigest()[:16] + ("" if weights else "-config")
-    target = os.path.join(os.path.expanduser(MODEL_CACHE), key)
-    if not os.path.isdir(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".fetching-")
-        try:
-            filesystem, root = pyarrow.fs.FileSystem.from_uri(name_or_path)
-            for info in filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
-                if info.type != pyarrow.fs.FileType.File or (not weights and info.path.endswith(WEIGHT_SUFFIXES)):
-                    continue
-                destination = os.path.join(staging, os.path.relpath(info.path, root))
-                os.makedirs(os.path.dirname(destination), exist_ok=True)
-                pyarrow.fs.copy_files(info.path, destination, source_filesystem=filesystem)
-            os.rename(staging, target)  # atomic: a half-copied model is never used
-        except FileNotFoundError:
-            raise FileNotFoundError(f"model not found: {name_or_path}") from None
-        except OSError:
-            if not os.path.isdir(target):  # not merely another process finishing first
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    if need_weights:
+        raise ValueError(f"{name_or_path} holds no model weights (no *.safetensors files)")
 
 
 def context_positions(model_config) -> int | None:
@@ -131,18 +91,21 @@ def prompt_budget(positions: int | None, max_new_tokens: int) -> int | None:
     return budget
 
 
-def check_model(name_or_path: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, max_new_tokens: int | None = None) -> None:
+def check_loadable_model(
+    name_or_path: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, max_new_tokens: int | None = None, need_weights: bool = True
+):
     """Refuse on a job's driver what every worker would refuse later: a model that is not
     there or will not load, custom code without ``trust_remote_code``, pickle-only weights
     without ``allow_pickle``, a tokenizer that cannot hold the prompt keys, or no room for
-    a prompt beside ``max_new_tokens``. Raises ValueError naming the problem."""
+    a prompt beside ``max_new_tokens``. Raises ValueError naming the problem; returns the
+    model's config (read without its weights)."""
     from transformers import AutoConfig
 
-    if "://" not in name_or_path and name_or_path.startswith(("/", ".", "~")) and not os.path.isdir(name_or_path):
+    if storage.is_local_path(name_or_path) and not os.path.isdir(name_or_path):
         raise ValueError(f"model directory not found: {name_or_path}")
-    check_weights(name_or_path, allow_pickle=allow_pickle)
+    check_weights(name_or_path, allow_pickle=allow_pickle, need_weights=need_weights)
     try:
-        local = local_model_dir(name_or_path, weights=False)
+        local = storage.local_model_dir(name_or_path, weights=False)
         model_config = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
         prompts.load_tokenizer(local, trust_remote_code=trust_remote_code)
     except prompts.SpecialTokenError:
@@ -152,6 +115,7 @@ def check_model(name_or_path: str, *, trust_remote_code: bool = False, allow_pic
         raise ValueError(f"cannot load model {name_or_path!r}: {type(e).__name__}: {str(e).splitlines()[0]}{hint}") from None
     if max_new_tokens is not None:
         prompt_budget(context_positions(model_config), max_new_tokens)
+    return model_config
 
 
 def default_device() -> torch.device:
@@ -174,7 +138,7 @@ def _as_request(request: Request) -> tuple[str, str | None]:
     return instruction, input
 
 
-def micro_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
     """Indices grouped longest first into batches of at most ``batch_size`` rows and,
     if given, ``max_batch_tokens`` = rows x the batch's longest length (one row always fits)."""
     batches: list[list[int]] = []
@@ -218,7 +182,7 @@ class InstructionGenerator:
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
     ) -> "InstructionGenerator":
-        """Load a checkpoint directory (local or remote, see ``local_model_dir``) or hub id.
+        """Load a checkpoint directory (local or at a URI, see ``storage.local_model_dir``) or hub id.
 
         Only safetensors weights load unless ``allow_pickle``: a pickled checkpoint can run
         arbitrary code when loaded. (``allow_pickle`` still prefers safetensors when both
@@ -229,7 +193,7 @@ class InstructionGenerator:
         device = torch.device(device) if device is not None else default_device()
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        name_or_path = local_model_dir(name_or_path)
+        name_or_path = storage.local_model_dir(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
             dtype=dtype or default_dtype(device),
@@ -268,7 +232,7 @@ class InstructionGenerator:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         encoded, truncated = self._prepare(requests, params)
 
-        batches = micro_batches([len(ids) + params.max_new_tokens for ids in encoded], batch_size, max_batch_tokens)
+        batches = length_sorted_batches([len(ids) + params.max_new_tokens for ids in encoded], batch_size, max_batch_tokens)
         results: list[GenerationResult | None] = [None] * len(encoded)
         was_training = self.model.training
         self.model.eval()

@@ -33,9 +33,9 @@ from typing import Annotated, Any, AsyncIterator, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from ray import serve
 
-from dolly_ray import prompts
-from dolly_ray.cli import option
-from dolly_ray.generation import GenerationParams, GenerationResult, Request, check_model
+from dolly_ray import cluster, prompts
+from dolly_ray.cli import ConfigError, check_at_least, option
+from dolly_ray.generation import GenerationParams, GenerationResult, Request, check_loadable_model
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +69,6 @@ class ServeConfig:
     def served_name(self) -> str:
         """The name clients send as ``model``."""
         return self.model_name or default_model_name(self.model)
-
-
-class ServeError(ValueError):
-    """A server that cannot start: a bad option or a model that does not load."""
 
 
 # --- requests -----------------------------------------------------------------------
@@ -282,8 +278,8 @@ class InstructionServer:
         self.generator = InstructionGenerator.from_pretrained(
             config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle
         )
-        self.generate_batch.set_max_batch_size(config.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.generate_in_dynamic_batch.set_max_batch_size(config.max_batch_size)
+        self.generate_in_dynamic_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         # One model call at a time: batches and streams take turns, so memory stays bounded
         # and generate() never runs twice at once on one model.
         self.model_lock = asyncio.Lock()
@@ -294,7 +290,7 @@ class InstructionServer:
     # -- model calls --
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # both replaced from the config in __init__
-    async def generate_batch(self, jobs: list[tuple[Request, GenerationParams]]) -> list[GenerationResult]:
+    async def generate_in_dynamic_batch(self, jobs: list[tuple[Request, GenerationParams]]) -> list[GenerationResult]:
         """One dynamic batch: one generate() call per group of identical parameters."""
         self.batch_sizes[len(jobs)] += 1
         groups: dict[tuple, list[int]] = collections.defaultdict(list)
@@ -382,7 +378,8 @@ class InstructionServer:
                 f"{self.generator.max_positions} positions leave room for {budget}",
             )
 
-    def check_model(self, name: str | None) -> None:
+    def require_served_name(self, name: str | None) -> None:
+        """A request that names a model must name this one (404 otherwise)."""
         from fastapi import HTTPException
 
         if name is not None and name != self.model_name:
@@ -390,7 +387,7 @@ class InstructionServer:
 
     async def answer(self, request: Request, params: GenerationParams) -> GenerationResult:
         await self.check_prompt(request, params)
-        return await self.generate_batch((request, params))
+        return await self.generate_in_dynamic_batch((request, params))
 
     def stats(self) -> dict[str, Any]:
         """This replica's counters: how well dynamic batching is filling batches."""
@@ -436,7 +433,7 @@ class InstructionServer:
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest):
-            self.check_model(body.model)
+            self.require_served_name(body.model)
             params = self.params(body.max_tokens, body.temperature, body.top_p, body.seed)
             reply = _Reply("cmpl", "text_completion", self.model_name, chat=False)
             if body.stream:
@@ -446,19 +443,8 @@ class InstructionServer:
 
         @app.post("/v1/chat/completions")
         async def chat_completions(body: ChatRequest):
-            from fastapi import HTTPException
-
-            self.check_model(body.model)
-            if body.max_tokens is not None and body.max_completion_tokens is not None:
-                raise HTTPException(400, "send max_completion_tokens or max_tokens, not both")
-            users = [m.content for m in body.messages if m.role == "user"]
-            if not users:
-                raise HTTPException(400, "messages hold no user message; its content is the instruction")
-            try:
-                instruction = _instruction(users[-1])
-            except ValueError as e:
-                raise HTTPException(400, f"the last user message {e}") from None
-            max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            self.require_served_name(body.model)
+            instruction, max_tokens = _chat_instruction(body)
             params = self.params(max_tokens, body.temperature, body.top_p, body.seed)
             reply = _Reply("chatcmpl", "chat.completion", self.model_name, chat=True)
             if body.stream:
@@ -467,6 +453,22 @@ class InstructionServer:
             return reply.whole(await self.answer((instruction, None), params))
 
         return app
+
+
+def _chat_instruction(body: ChatRequest) -> tuple[str, int | None]:
+    """The instruction (the last user message) and the token limit of a chat request."""
+    from fastapi import HTTPException
+
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise HTTPException(400, "send max_completion_tokens or max_tokens, not both")
+    users = [m.content for m in body.messages if m.role == "user"]
+    if not users:
+        raise HTTPException(400, "messages hold no user message; its content is the instruction")
+    try:
+        instruction = _instruction(users[-1])
+    except ValueError as e:
+        raise HTTPException(400, f"the last user message {e}") from None
+    return instruction, body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
 
 
 class _Reply:
@@ -524,27 +526,17 @@ def default_model_name(model: str) -> str:
 def check(config: ServeConfig) -> None:
     """Fail fast, before any replica starts, on what can be checked here."""
     if not config.model:
-        raise ServeError("--model is required: the checkpoint's hf/ directory")
-    numbers = {
-        "max_batch_size": config.max_batch_size,
-        "num_replicas": config.num_replicas,
-        "max_new_tokens": config.max_new_tokens,
-        "max_new_tokens_limit": config.max_new_tokens_limit,
-        "max_request_bytes": config.max_request_bytes,
-    }
-    for name, value in numbers.items():
-        if value < 1:
-            raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if config.batch_wait_timeout_s < 0 or config.num_cpus_per_replica < 0 or (config.num_gpus_per_replica or 0) < 0:
-        raise ServeError("--batch-wait-timeout-s, --num-cpus-per-replica and --num-gpus-per-replica must not be negative")
+        raise ConfigError("--model is required: the checkpoint's hf/ directory")
+    check_at_least(config, 1, "max_batch_size", "num_replicas", "max_new_tokens", "max_new_tokens_limit", "max_request_bytes")
+    check_at_least(config, 0, "batch_wait_timeout_s", "num_cpus_per_replica", "num_gpus_per_replica")
     if config.max_new_tokens > config.max_new_tokens_limit:
-        raise ServeError(f"--max-new-tokens {config.max_new_tokens} is above --max-new-tokens-limit {config.max_new_tokens_limit}")
+        raise ConfigError(f"--max-new-tokens {config.max_new_tokens} is above --max-new-tokens-limit {config.max_new_tokens_limit}")
     if config.max_ongoing_requests is not None and config.max_ongoing_requests < config.max_batch_size:
-        raise ServeError(f"--max-ongoing-requests {config.max_ongoing_requests} must be at least --max-batch-size {config.max_batch_size}")
+        raise ConfigError(f"--max-ongoing-requests {config.max_ongoing_requests} must be at least --max-batch-size {config.max_batch_size}")
     try:
-        check_model(config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, max_new_tokens=config.max_new_tokens)
+        check_loadable_model(config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, max_new_tokens=config.max_new_tokens)
     except ValueError as e:
-        raise ServeError(str(e)) from None
+        raise ConfigError(str(e)) from None
 
 
 def build_app(config: ServeConfig):
@@ -560,9 +552,18 @@ def build_app(config: ServeConfig):
 def _application(config: ServeConfig):
     import ray
 
-    num_gpus = config.num_gpus_per_replica
-    if num_gpus is None:
-        num_gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    num_gpus = cluster.gpus_per_actor(config.num_gpus_per_replica)
+    if ray.is_initialized():  # `serve run` builds the app after joining; tests may build it alone
+        replicas = config.autoscaling.get("min_replicas", 1) if config.autoscaling else config.num_replicas
+        cluster.check_fits(
+            cluster.Request(
+                unit="replica",
+                count=replicas,
+                count_flag="--num-replicas",
+                each={"CPU": config.num_cpus_per_replica, "GPU": num_gpus},
+                fixes={"CPU": "pass --num-cpus-per-replica {fits} or fewer replicas (--num-replicas)", "GPU": "pass --num-gpus-per-replica {fits} or fewer replicas (--num-replicas)"},
+            )
+        )
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": config.num_cpus_per_replica, "num_gpus": num_gpus},
         "max_ongoing_requests": config.max_ongoing_requests or 2 * config.max_batch_size,
@@ -586,20 +587,18 @@ def app_builder(args: dict[str, Any]):
     values = {key.replace("-", "_"): value for key, value in args.items()}
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(ServeConfig)})
     if unknown:
-        raise ServeError(f"unknown serve option(s) {unknown}")
+        raise ConfigError(f"unknown serve option(s) {unknown}")
     try:
         config = TypeAdapter(ServeConfig).validate_python(values)
     except PydanticValidationError as e:
-        raise ServeError(_validation_message(e.errors())) from None
+        raise ConfigError(_validation_message(e.errors())) from None
     return build_app(config)
 
 
 def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve in the foreground until Ctrl-C, then remove the application."""
-    from dolly_ray import cli
-
     check(config)  # before Ray starts
-    cli.init_ray()
+    cluster.init_ray()
     app = _application(config)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")

@@ -1,10 +1,11 @@
 """Dolly instruction tuning as a Ray Train job: TorchTrainer workers running DeepSpeed ZeRO-3.
 
-The driver prepares the records with Ray Data (validation counts and strict errors
-come before any GPU is reserved), plans the step count, and starts the trainer. Each
-worker loads the model already partitioned, trains on its deterministic shard, and
-reports metrics and checkpoints to Ray Train. Rerunning with the same storage path and
-name resumes from the latest checkpoint.
+The driver (``run``) checks the model, prepares the records with Ray Data (validation
+counts and strict errors come before any GPU is reserved), plans the step count and
+starts the trainer. Each worker (``train_loop_per_worker``) builds its engine with the
+model already partitioned, restores the latest checkpoint if there is one, trains its
+deterministic shard, and reports metrics and checkpoints to Ray Train. Rerunning with
+the same storage path and name resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -12,139 +13,26 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import math
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import ray
 import ray.train
+import torch
+import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
+from dolly_ray import batching, cluster, data, deepspeed_config, generation, labels, memory_plan, prompts, storage
 from dolly_ray import checkpoint as ckpt
-from dolly_ray.cli import option
-from dolly_ray import batching, data, deepspeed_config, generation
+from dolly_ray.cli import ConfigError
+from dolly_ray.engine import build_engine
+from dolly_ray.train_config import DEFAULT_CPUS_PER_WORKER, StepPlan, TrainConfig, plan_steps, stop_step
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Everything one training run needs; YAML files and CLI flags fill it."""
-
-    # What to train, on what.
-    model: str = option("EleutherAI/gpt-j-6B", "model to tune: hub id or directory (safetensors weights)")
-    dataset: str = option("tatsu-lab/alpaca", "hub dataset id, `datasets` directory, or JSON/JSONL/Parquet path or URL")
-    columns: str = option("alpaca", "column schema: alpaca, dolly, or instruction=A,input=B,output=C")
-    split: str = option("train", "split to read from a Hugging Face dataset")
-    max_length: int = option(1024, "longest record in tokens; longer records are skipped and counted")
-    eval_fraction: float = option(0.02, "fraction of records held out for eval loss")
-    strict_data: bool = option(False, "stop at the first invalid record instead of skipping it")
-    trust_remote_code: bool = option(False, "allow model/tokenizer code from the model repository")
-    allow_pickle: bool = option(False, "also load pickle (.bin) weights, which can run code when loaded (default: safetensors only)")
-    # How long and how fast.
-    epochs: int = option(1, "passes over the training records")
-    max_steps: int = option(0, "total optimizer steps (0: `epochs` full epochs)")
-    stop_after_steps: int = option(0, "end this job at this step with a checkpoint, keeping the full schedule; rerun to continue")
-    learning_rate: float = option(1e-5, "peak learning rate")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_steps: int = option(10, "linear warmup steps before linear decay to 0")
-    micro_batch_size: int = option(8, "records per worker per forward pass")
-    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
-    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
-    batching: str = option("pack", "micro-batches: pack (records packed whole into max_length-token rows; micro_batch_size counts packed rows), group (length-grouped records) or pad (random records padded to the longest, Dolly's way)")
-    shuffle_buffer_rows: int = option(1024, "rows in each worker's shuffle buffer (reshuffled every epoch)")
-    seed: int = option(42, "seed for initialisation, shuffling and the eval split")
-    # How often.
-    log_every: int = option(10, "report metrics every N optimizer steps")
-    eval_every: int = option(100, "eval loss every N steps (0: only at the end)")
-    checkpoint_every: int = option(200, "checkpoint every N steps (0: only at the end)")
-    hf_model_every_checkpoint: bool = option(False, "also write the Hugging Face model at every checkpoint, not only the last")
-    # Where and on what.
-    num_workers: int = option(8, "training workers (one per GPU)")
-    use_gpu: bool = option(None, "train on GPUs (default: per preset; with auto, yes when the cluster has GPUs)")
-    cpus_per_worker: float = option(4.0, "CPUs reserved per worker (optimizer offload uses them)")
-    preset: str = option("auto", "DeepSpeed preset: a100, a10, v100, cpu, or auto (from the workers' GPUs; cpu without GPUs)")
-    accelerator_type: str = option("", "only train on GPUs of this Ray accelerator type, e.g. A10G, V100, A100 (empty: any)")
-    deepspeed: dict = option({}, "DeepSpeed config overrides merged over the preset (JSON)")
-    storage_path: str = option("~/ray_results", "where Ray Train keeps checkpoints: local path, NFS or s3://")
-    name: str = option("dolly_ray", "run name; rerunning a name resumes it")
-    num_to_keep: int = option(2, "checkpoints kept (the latest ones)")
-    max_failures: int = option(0, "worker failures to recover from by restarting at the latest checkpoint")
-    tensorboard_dir: str = option("", "write TensorBoard logs here (rank 0; empty: off)")
-    # Greedy generations from the trained weights, reported with the final metrics.
-    sample_prompts: list = option([], "records ({instruction, input}) to answer greedily at the end (YAML/JSON)")
-
-    def __post_init__(self):
-        if self.preset != deepspeed_config.AUTO and self.preset not in deepspeed_config.PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(deepspeed_config.PRESETS)} or auto")
-        if self.preset != deepspeed_config.AUTO:  # auto is settled by resolve_auto_preset
-            if self.use_gpu is None:
-                self.use_gpu = self.preset in deepspeed_config.GPU_PRESETS
-            elif self.use_gpu != (self.preset in deepspeed_config.GPU_PRESETS):
-                raise ValueError(f"preset {self.preset!r} {'needs GPUs' if self.preset != 'cpu' else 'is for CPU-only runs'}; use_gpu={self.use_gpu} contradicts it")
-        if self.accelerator_type and self.use_gpu is False:
-            raise ValueError(f"accelerator_type {self.accelerator_type!r} selects GPUs; use_gpu=False (or preset cpu) contradicts it")
-        for name in ("epochs", "micro_batch_size", "gradient_accumulation_steps", "num_workers", "max_length", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        batching.check_strategy(self.batching)
-
-    @property
-    def data_config(self) -> data.DataConfig:
-        return data.DataConfig(
-            source=self.dataset,
-            columns=self.columns,
-            split=self.split,
-            max_length=self.max_length,
-            eval_fraction=self.eval_fraction,
-            seed=self.seed,
-            strict=self.strict_data,
-        )
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Step counts fixed on the driver so every worker stops at the same step."""
-
-    micro_batches_per_epoch: int
-    total_steps: int
-    eval_batches: int
-
-
-def plan_steps(config: TrainConfig, train_rows: int, eval_rows: int) -> Plan:
-    rows_per_worker = train_rows // config.num_workers
-    if rows_per_worker == 0:
-        raise data.DataError(f"{train_rows} training records cannot feed {config.num_workers} workers")
-    micro_batches = math.ceil(rows_per_worker / config.micro_batch_size)
-    epoch_steps = micro_batches // config.gradient_accumulation_steps
-    if epoch_steps == 0:
-        raise data.DataError(
-            f"one epoch has {micro_batches} micro-batches per worker, fewer than gradient_accumulation_steps "
-            f"{config.gradient_accumulation_steps}"
-        )
-    total = config.max_steps or epoch_steps * config.epochs
-    eval_batches = math.ceil((eval_rows // config.num_workers) / config.micro_batch_size)
-    return Plan(micro_batches_per_epoch=epoch_steps * config.gradient_accumulation_steps, total_steps=total, eval_batches=eval_batches)
-
-
-def resolve_auto_preset(config: TrainConfig, cluster_gpus: float) -> TrainConfig:
-    """Settle ``preset=auto`` on the driver: GPUs or not.
-
-    Without GPUs in the cluster (and no --use-gpu or --accelerator-type asking to wait
-    for the autoscaler to add some) the run uses the cpu preset. With GPUs the preset
-    stays auto and each worker picks it from the device it got (``preset_for_gpu``).
-    """
-    if config.preset != deepspeed_config.AUTO:
-        return config
-    use_gpu = config.use_gpu if config.use_gpu is not None else bool(cluster_gpus or config.accelerator_type)
-    if not use_gpu:
-        logger.info("preset auto: no GPUs in the cluster, using the cpu preset")
-        return dataclasses.replace(config, preset="cpu", use_gpu=False)
-    return dataclasses.replace(config, use_gpu=True)
 
 
 class DeterministicSplit(ray.train.DataConfig):
@@ -163,24 +51,128 @@ class DeterministicSplit(ray.train.DataConfig):
         return output
 
 
+# --- the driver ----------------------------------------------------------------------
+
+
 def run(config: TrainConfig) -> dict[str, Any]:
-    """Prepare the data, train, and return the run summary (the job's last output line)."""
+    """Check, prepare the data, train, and return the run summary (the job's last output line).
+
+    Everything that would fail later is refused here first, before anything is
+    reserved: the model, a run that does not fit the GPUs' memory, and a request the
+    cluster can never grant. With ``dry_run`` the summary is the memory plan instead.
+    """
     if config.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
         raise ValueError("tensorboard_dir needs the tensorboard package: pip install 'dolly_ray[tensorboard]'")
-    check_model(config)
+    model_config = generation.check_loadable_model(
+        config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, need_weights=not config.dry_run
+    )
+    cluster.init_ray()
+    settled, memory = settle(config, model_config)
+    if memory is not None:
+        logger.info("memory plan: %s", memory.summary())
+    if config.dry_run:
+        return dry_run(settled, memory)
+    if memory is not None and not memory.fits:
+        fixed = {"micro_batch_fixed": config.micro_batch_size is not None, "checkpointing_fixed": config.gradient_checkpointing is not None}
+        raise ConfigError(f"the run does not fit: {memory.summary()}; {memory_plan.advice(memory, **fixed)}")
+    config = settled
+    cluster.check_fits(worker_request(config))
+    report, train_ds, eval_ds = prepare_datasets(config)
+    plan = plan_steps(config, train_ds.count(), eval_ds.count())
+    logger.info("plan: %s optimizer steps, %s micro-batches per epoch per worker", plan.total_steps, plan.micro_batches_per_epoch)
+    with cluster.log_pending(f"training run {config.name!r}"):
+        result = make_trainer(config, plan, train_ds, eval_ds).fit()
+    return run_summary(result, report, config)
+
+
+def settle(config: TrainConfig, model_config) -> tuple[TrainConfig, memory_plan.MemoryPlan | None]:
+    """Decide what the flags left open, once the cluster is known: the preset (auto), the
+    CPUs per worker, and the micro-batch and gradient checkpointing the memory plan fits.
+    A model the plan cannot build on the meta device gets no plan (and the old defaults)."""
+    preset, use_gpu = deepspeed_config.settle_on_driver(config.preset, config.use_gpu, config.accelerator_type, cluster.total("GPU"))
+    if preset in deepspeed_config.GPU_PRESETS and not use_gpu:
+        logger.warning("preset %s on CPUs: a rehearsal of the GPU preset (its precision, offload and loss scaling) by DeepSpeed's CPU accelerator", preset)
+    cpus = cluster.cpus_each(config.cpus_per_worker, config.num_workers, DEFAULT_CPUS_PER_WORKER)
+    gpu = config.accelerator_type or cluster.gpu_type()
+    gpu = gpu if gpu in memory_plan.GPUS and use_gpu else ""
+    planned_preset = preset
+    if preset == deepspeed_config.AUTO:  # each worker chooses from its GPU, as this does; unknown GPUs: a10's
+        planned_preset = memory_plan.preset_for_accelerator(gpu, config.gpu_memory_gib) if gpu else "a10"
+    try:
+        shape = memory_plan.ModelShape.from_config(model_config, trust_remote_code=config.trust_remote_code)
+    except Exception as e:  # a model class that cannot be built without its weights
+        logger.warning("no memory plan for %s: %s: %s", config.model, type(e).__name__, e)
+        defaults = {"micro_batch_size": config.micro_batch_size or 8, "gradient_checkpointing": bool(config.gradient_checkpointing)}
+        return dataclasses.replace(config, preset=preset, use_gpu=use_gpu, cpus_per_worker=cpus, **defaults), None
+    memory = memory_plan.choose(
+        shape,
+        preset=planned_preset,
+        workers=config.num_workers,
+        micro_batch_size=config.micro_batch_size,
+        gradient_checkpointing=config.gradient_checkpointing,
+        max_length=config.max_length,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gpu=gpu,
+        gpu_memory_gib=config.gpu_memory_gib,
+        gpus_per_node=int(cluster.largest_node("GPU")) or None,
+        on_cpu=not use_gpu,
+        node_memory_gib=cluster.node_memory_gib(),
+        overrides=config.deepspeed,
+    )
+    chosen = {"micro_batch_size": memory.micro_batch_size, "gradient_checkpointing": memory.gradient_checkpointing}
+    return dataclasses.replace(config, preset=preset, use_gpu=use_gpu, cpus_per_worker=cpus, **chosen), memory
+
+
+def worker_request(config: TrainConfig) -> cluster.Request:
+    each = {"CPU": config.cpus_per_worker, "GPU": 1.0 if config.use_gpu else 0.0}
+    if config.accelerator_type:
+        each[f"accelerator_type:{config.accelerator_type}"] = 0.001  # what ScalingConfig asks of each worker
+    return cluster.Request(
+        unit="worker",
+        count=config.num_workers,
+        count_flag="--num-workers",
+        each=each,
+        fixes={
+            "CPU": "pass --cpus-per-worker {fits} or fewer workers (--num-workers)",
+            "GPU": "pass --preset cpu to train on CPUs, or fewer workers (--num-workers)",
+            f"accelerator_type:{config.accelerator_type}": "pass the --accelerator-type of GPUs this cluster has, or none",
+        },
+    )
+
+
+def dry_run(config: TrainConfig, memory: memory_plan.MemoryPlan | None) -> dict[str, Any]:
+    """The plan as the job's summary, with the training tokens of one epoch when the data
+    can be read without a hub download (a local or remote file or directory)."""
+    if memory is None:
+        raise ConfigError(f"no memory plan can be made for {config.model} (see the warning above)")
+    if storage.is_hub_id(config.dataset):
+        logger.info("dry run: hub dataset %s not read; pass a local or remote copy for its token count", config.dataset)
+    else:
+        _, train_ds, _ = prepare_datasets(config)
+        memory = memory.with_epoch_tokens(int(train_ds.sum("num_tokens")))
+    return {"dry_run": True, **memory.as_dict()}
+
+
+def prepare_datasets(config: TrainConfig) -> tuple[data.DataReport, Any, Any]:
+    """The data report and the materialized train and eval rows, as workers will batch them.
+
+    Packing (for ``batching=pack``) happens here, so the plan counts the rows workers get.
+    """
     # A fixed row order, so DeterministicSplit gives each worker the same rows on every run.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     prepared = data.PreparedData(config.data_config, config.model, trust_remote_code=config.trust_remote_code)
     report = prepared.materialize().report()  # one pass feeds the counts, train and eval
-    # Packing (for batching=pack) happens here, so the plan counts the rows workers get.
-    train_ds = batching.prepare(prepared.train, config.batching, config.max_length, config.seed).materialize()
-    eval_ds = batching.prepare(prepared.eval, config.batching, config.max_length, config.seed).materialize()
-    plan = plan_steps(config, train_ds.count(), eval_ds.count())
-    logger.info("plan: %s optimizer steps, %s micro-batches per epoch per worker", plan.total_steps, plan.micro_batches_per_epoch)
-    config = resolve_auto_preset(config, ray.cluster_resources().get("GPU", 0))
+    tokenizer = prompts.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    response_id = tokenizer.convert_tokens_to_ids(prompts.RESPONSE_KEY)
+    train_ds, eval_ds = (
+        batching.prepare(rows, config.batching, config.max_length, response_id, config.seed).materialize()
+        for rows in (prepared.train, prepared.eval)
+    )
+    return report, train_ds, eval_ds
 
-    storage_path = config.storage_path if "://" in config.storage_path else os.path.abspath(os.path.expanduser(config.storage_path))
-    trainer = TorchTrainer(
+
+def make_trainer(config: TrainConfig, plan: StepPlan, train_ds, eval_ds) -> TorchTrainer:
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": dataclasses.asdict(config), "plan": dataclasses.asdict(plan)},
         scaling_config=ray.train.ScalingConfig(
@@ -191,14 +183,16 @@ def run(config: TrainConfig) -> dict[str, Any]:
         ),
         run_config=ray.train.RunConfig(
             name=config.name,
-            storage_path=storage_path,
+            storage_path=storage.absolute(config.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
         datasets={"train": train_ds, "eval": eval_ds},
         dataset_config=DeterministicSplit(),
     )
-    result = trainer.fit()
+
+
+def run_summary(result: ray.train.Result, report: data.DataReport, config: TrainConfig) -> dict[str, Any]:
     metrics = result.metrics or {}
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     return {
@@ -210,6 +204,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "epoch": metrics.get("epoch"),
         "finished": metrics.get("finished"),
         "preset": metrics.get("preset"),
+        "micro_batch_size": config.micro_batch_size,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "cpus_per_worker": config.cpus_per_worker,
         "tokens_per_s": metrics.get("tokens_per_s"),
         "train_records": report.train_rows,
         "eval_records": report.eval_rows,
@@ -219,291 +216,236 @@ def run(config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def check_model(config: TrainConfig) -> None:
-    """Refuse on the driver what every worker would refuse later (see ``generation.check_model``)."""
-    generation.check_model(config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
-
-
-# --- the worker side ---------------------------------------------------------------
-
-
-def _load_model(config: TrainConfig, ds_config: dict, tokenizer):
-    """The model, partitioned across ranks as it loads (never whole on one worker)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-
-    # Must exist (and stay referenced) before from_pretrained: it turns on zero.Init.
-    hf_ds_config = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForCausalLM.from_pretrained(
-        config.model, dtype=deepspeed_config.model_dtype(ds_config), use_safetensors=None if config.allow_pickle else True, trust_remote_code=config.trust_remote_code
-    )
-    # num_embeddings is the module's own count, valid while the weight is partitioned.
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    return model, hf_ds_config
-
-
-class _Worker:
-    """One Ray Train worker's state: engine, data position and metric window."""
-
-    def __init__(self, config: TrainConfig, plan: Plan):
-        import deepspeed
-        import torch
-
-        from dolly_ray import prompts
-
-        self.config, self.plan = config, plan
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        torch.manual_seed(config.seed)
-        # Ray Train has set up torch.distributed; DeepSpeed's comm layer adopts it.
-        deepspeed.init_distributed(dist_backend="nccl" if config.use_gpu else "gloo")
-        self.preset = self._agreed_gpu_preset() if config.preset == deepspeed_config.AUTO else config.preset
-        self.ds_config = deepspeed_config.build(
-            self.preset,
-            world_size=self.world_size,
-            micro_batch_size=config.micro_batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            warmup_steps=config.warmup_steps,
-            total_steps=plan.total_steps,
-            overrides=config.deepspeed,
-        )
-        self.tokenizer = prompts.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-        model, self._hf_ds_config = _load_model(config, self.ds_config, self.tokenizer)
-        if config.batching == "pack":
-            batching.check_packing_attention(model.config)
-        optimizer = None
-        if deepspeed_config.uses_client_optimizer(self.preset):
-            optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            model_parameters=None if optimizer else model.parameters(),
-            config=self.ds_config,
-        )
-        self.micro_batches_done = 0
-        self.history: list[dict] = []
-        self.tensorboard = None
-        if config.tensorboard_dir and self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(os.path.join(os.path.expanduser(config.tensorboard_dir), config.name))
-
-    def _agreed_gpu_preset(self) -> str:
-        """``preset=auto`` on GPUs: the preset for this worker's GPU, which every worker must share."""
-        import torch
-        import torch.distributed as dist
-
-        device = torch.cuda.get_device_properties(torch.cuda.current_device())
-        mine = (deepspeed_config.preset_for_gpu((device.major, device.minor), device.total_memory / 2**30), device.name)
-        everyone: list = [None] * self.world_size
-        dist.all_gather_object(everyone, mine)
-        if len({preset for preset, _ in everyone}) > 1:
-            raise RuntimeError(
-                f"preset auto: the workers have GPUs that need different presets {sorted(set(everyone))}; "
-                "pass --preset, or --accelerator-type to train on one kind of GPU"
-            )
-        if self.rank == 0:
-            logger.info("preset auto: chose %s for %s (%.0f GiB)", mine[0], device.name, device.total_memory / 2**30)
-        return mine[0]
-
-    # -- data --
-
-    def batches(self, name: str, epoch: int):
-        return batching.micro_batches(
-            ray.train.get_dataset_shard(name),
-            self.config.batching,
-            micro_batch_size=self.config.micro_batch_size,
-            pad_token_id=self.tokenizer.pad_token_id,
-            shuffle_rows=self.config.shuffle_buffer_rows,
-            seed=self.config.seed + epoch if name == "train" else None,
-        )
-
-    # -- steps --
-
-    def _all_reduce_sum(self, *values: float) -> list[float]:
-        import torch
-        import torch.distributed as dist
-
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
-    def evaluate(self) -> float | None:
-        """Token-weighted mean loss over every worker's eval shard."""
-        import torch
-
-        if self.plan.eval_batches == 0:
-            return None
-        self.engine.eval()
-        loss_sum = tokens = 0.0
-        with torch.no_grad():
-            for i, batch in enumerate(self.batches("eval", 0)):
-                if i == self.plan.eval_batches:
-                    break
-                batch.pop(batching.NUM_TOKENS)
-                n = float(batching.label_tokens(batch))
-                batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-                loss_sum += float(self.engine(**batch, use_cache=False).loss) * n
-                tokens += n
-        self.engine.train()
-        loss_sum, tokens = self._all_reduce_sum(loss_sum, tokens)
-        return loss_sum / max(tokens, 1.0)
-
-    def report(self, metrics: dict, save: bool, final: bool = False) -> None:
-        self.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        if self.tensorboard:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, metrics["step"])
-        if not save:
-            ray.train.report(metrics)
-            return
-        directory = tempfile.mkdtemp(prefix="dolly_ray_ckpt_")
-        try:
-            ckpt.save(
-                self.engine,
-                self.tokenizer,
-                directory,
-                client_state={"micro_batches_done": self.micro_batches_done},
-                history=self.history,
-                with_hf_model=final or self.config.hf_model_every_checkpoint,
-            )
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-
-    def restore(self) -> None:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return
-        with checkpoint.as_directory() as directory:
-            client_state, self.history = ckpt.load(self.engine, directory)
-        self.micro_batches_done = client_state["micro_batches_done"]
-        logger.info("rank %d resumed at step %d", self.rank, self.engine.global_steps)
-
-    def samples(self) -> list[dict]:
-        """Greedy answers from the trained (still partitioned) weights.
-
-        Every rank generates the same prompts greedily, so all take the same number of
-        forward passes and the ZeRO-3 parameter gathers stay in step.
-        """
-        from dolly_ray.generation import GenerationParams, InstructionGenerator
-
-        if not self.config.sample_prompts:
-            return []
-        generator = InstructionGenerator(self.engine.module, self.tokenizer)
-        results = generator.generate(self.config.sample_prompts, GenerationParams(greedy=True, max_new_tokens=64), batch_size=1)
-        return [{**prompt, "response": r.response, "finish_reason": r.finish_reason} for prompt, r in zip(self.config.sample_prompts, results)]
-
-    @property
-    def stop_step(self) -> int:
-        """Where this job ends: the planned total, or earlier when told to stop early."""
-        stop = self.config.stop_after_steps
-        return min(stop, self.plan.total_steps) if stop > 0 else self.plan.total_steps
-
-    def partition_fractions(self) -> list[float]:
-        """Each rank's share of the parameter elements it holds: about 1/world under ZeRO-3."""
-        local = sum(p.ds_tensor.numel() for p in self.engine.module.parameters())
-        total = sum(p.ds_numel for p in self.engine.module.parameters())
-        shares = [0.0] * self.world_size
-        shares[self.rank] = local / total
-        return self._all_reduce_sum(*shares)
-
-    def train(self) -> None:
-        self.restore()
-        while self.engine.global_steps < self.stop_step:
-            epoch, done_in_epoch = divmod(self.micro_batches_done, self.plan.micro_batches_per_epoch)
-            self.train_epoch(epoch, done_in_epoch)
-        if self.tensorboard:
-            self.tensorboard.close()
-
-    def train_epoch(self, epoch: int, done_in_epoch: int) -> None:
-        """Micro-batches of one epoch, from position ``done_in_epoch`` (after a restore)."""
-        engine, plan, config = self.engine, self.plan, self.config
-        window, step_batches = self._new_window(), []
-        position = -1
-        for position, batch in enumerate(self.batches("train", epoch)):
-            if position < done_in_epoch:
-                continue  # trained before the restore point (always a step boundary)
-            step_batches.append(batch)
-            if len(step_batches) == config.gradient_accumulation_steps:
-                self.train_step(step_batches, window)
-                step_batches = []
-                if self.after_step(window):
-                    window = self._new_window()
-            if position + 1 == plan.micro_batches_per_epoch or engine.global_steps >= self.stop_step:
-                return
-        raise RuntimeError(
-            f"rank {self.rank}: epoch {epoch} ended after {position + 1} micro-batches, "
-            f"planned {plan.micro_batches_per_epoch}"
-        )
-
-    @staticmethod
-    def _new_window() -> dict:
-        """Sums over the steps since the last report: token losses, label and useful tokens."""
-        return {"loss_sum": 0.0, "label_tokens": 0, "tokens": 0, "start": time.perf_counter()}
-
-    def train_step(self, step_batches: list[dict], window: dict) -> None:
-        """One optimizer step over its micro-batches, with the loss per label token of the whole step.
-
-        Every label token of the step, on every worker, weighs the same whatever the
-        batching: the summed token losses are divided by the step's label tokens on all
-        workers. DeepSpeed divides by the accumulation steps and averages gradients
-        over workers, so the divisor handed to the model is scaled back by both.
-        """
-        engine = self.engine
-        local_tokens = sum(batching.label_tokens(batch) for batch in step_batches)
-        (step_tokens,) = self._all_reduce_sum(local_tokens)
-        per_micro_batch = max(step_tokens, 1.0) / (self.world_size * len(step_batches))
-        for batch in step_batches:
-            window["tokens"] += int(batch.pop(batching.NUM_TOKENS))
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            loss = engine(**batch, use_cache=False, num_items_in_batch=per_micro_batch).loss
-            engine.backward(loss)
-            engine.step()
-            self.micro_batches_done += 1
-            window["loss_sum"] += loss.item() * per_micro_batch
-        window["label_tokens"] += local_tokens
-
-    def after_step(self, window: dict) -> bool:
-        """Log, evaluate and checkpoint on their cadence; True when the window was reported."""
-        config, step = self.config, self.engine.global_steps
-        final = step >= self.stop_step
-        evaluate = final or (config.eval_every and step % config.eval_every == 0)
-        save = final or (config.checkpoint_every and step % config.checkpoint_every == 0)
-        if not (evaluate or save or step % config.log_every == 0):
-            return False
-        loss_sum, label_tokens, tokens = self._all_reduce_sum(window["loss_sum"], window["label_tokens"], window["tokens"])
-        metrics = {
-            "step": step,
-            "epoch": self.micro_batches_done / self.plan.micro_batches_per_epoch,
-            "train_loss": loss_sum / max(label_tokens, 1.0),  # per token, like eval_loss
-            "learning_rate": self.engine.get_lr()[0],
-            "tokens_per_s": tokens / (time.perf_counter() - window["start"]),
-        }
-        if evaluate:
-            metrics["eval_loss"] = self.evaluate()
-        if final:
-            metrics["finished"] = step >= self.plan.total_steps
-            metrics["preset"] = self.preset
-            metrics["param_partition_fractions"] = self.partition_fractions()
-            metrics["samples"] = self.samples()
-        self.report(metrics, save=bool(save), final=final)
-        return True
+# --- the worker ----------------------------------------------------------------------
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry point on every worker."""
-    # Worker processes start with logging unconfigured: let this package's INFO lines reach the job log.
+    """Ray Train entry point on every worker: build, restore, then train to the stop step,
+    reporting on the log, eval and checkpoint cadences."""
+    _log_to_job()
+    config, plan = TrainConfig(**loop_config["config"]), StepPlan(**loop_config["plan"])
+    context = ray.train.get_context()
+    engine, tokenizer, preset = build_engine(config, plan, context.get_world_size())
+    progress = restore(engine)
+    tensorboard = _tensorboard(config, context.get_world_rank())
+    stop = stop_step(config, plan)
+    window = Window()
+    while engine.global_steps < stop:
+        epoch, done_in_epoch = divmod(progress.micro_batches_done, plan.micro_batches_per_epoch)
+        for step_batches in optimizer_steps(config, plan, epoch, done_in_epoch, tokenizer.pad_token_id):
+            train_step(engine, step_batches, window)
+            progress.micro_batches_done += len(step_batches)
+            step = engine.global_steps
+            final = step >= stop
+            evaluating, saving = final or _every(config.eval_every, step), final or _every(config.checkpoint_every, step)
+            if not (evaluating or saving or _every(config.log_every, step)):
+                continue
+            metrics = window.metrics(engine, epoch=progress.micro_batches_done / plan.micro_batches_per_epoch)
+            if evaluating:
+                metrics["eval_loss"] = evaluate(engine, config, plan, tokenizer.pad_token_id)
+            if final:
+                metrics.update(final_metrics(engine, config, plan, tokenizer, preset))
+            progress.record(metrics, tensorboard)
+            if saving:
+                save_checkpoint(engine, tokenizer, metrics, progress, with_hf_model=final or config.hf_model_every_checkpoint)
+            else:
+                report_metrics(metrics)
+            window = Window()
+            if final:
+                break
+    if tensorboard:
+        tensorboard.close()
+
+
+def _every(interval: int, step: int) -> bool:
+    return bool(interval) and step % interval == 0
+
+
+def _log_to_job() -> None:
+    """Worker processes start with logging unconfigured: let this package's INFO lines reach the job log."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("dolly_ray").setLevel(logging.INFO)
-    config = TrainConfig(**loop_config["config"])
-    plan = Plan(**loop_config["plan"])
-    _Worker(config, plan).train()
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries beside the DeepSpeed state: the data position and every
+    metric reported so far (so a resumed run keeps its curve)."""
+
+    micro_batches_done: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def record(self, metrics: dict, tensorboard=None) -> None:
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.history.append(numbers)
+        if tensorboard:
+            for key, value in numbers.items():
+                tensorboard.add_scalar(key, value, metrics["step"])
+
+
+def restore(engine) -> Progress:
+    """Load the latest checkpoint Ray Train hands this worker, if any; where to continue."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Progress()
+    with checkpoint.as_directory() as directory:
+        client_state, history = ckpt.load(engine, directory)
+    logger.info("rank %d resumed at step %d", engine.global_rank, engine.global_steps)
+    return Progress(client_state["micro_batches_done"], history)
+
+
+def _tensorboard(config: TrainConfig, rank: int):
+    if not config.tensorboard_dir or rank != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.path.join(os.path.expanduser(config.tensorboard_dir), config.name))
+
+
+def micro_batches(config: TrainConfig, name: str, pad_token_id: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's micro-batches of its ``name`` shard; training data is reshuffled each epoch."""
+    return batching.micro_batches(
+        ray.train.get_dataset_shard(name),
+        config.batching,
+        micro_batch_size=config.micro_batch_size,
+        pad_token_id=pad_token_id,
+        shuffle_rows=config.shuffle_buffer_rows,
+        seed=config.seed + epoch if name == "train" else None,
+    )
+
+
+def optimizer_steps(config: TrainConfig, plan: StepPlan, epoch: int, done_in_epoch: int, pad_token_id: int) -> Iterator[list[dict]]:
+    """The micro-batches of each optimizer step left in ``epoch``, from micro-batch
+    ``done_in_epoch`` on (trained before a restore point, which is always a step boundary)."""
+    step_batches, position = [], -1
+    for position, batch in enumerate(micro_batches(config, "train", pad_token_id, epoch)):
+        if position >= done_in_epoch:
+            step_batches.append(batch)
+        if len(step_batches) == config.gradient_accumulation_steps:
+            yield step_batches
+            step_batches = []
+        if position + 1 == plan.micro_batches_per_epoch:
+            return
+    raise RuntimeError(
+        f"rank {dist.get_rank()}: epoch {epoch} ended after {position + 1} micro-batches, planned {plan.micro_batches_per_epoch}"
+    )
+
+
+@dataclass
+class Window:
+    """Sums over the optimizer steps since the last report, for its metrics."""
+
+    loss_sum: float = 0.0  # token losses
+    label_tokens: float = 0.0
+    tokens: float = 0.0  # useful (non-padding) tokens
+    start: float = field(default_factory=time.perf_counter)
+
+    def metrics(self, engine, *, epoch: float) -> dict[str, Any]:
+        loss_sum, label_tokens, tokens = all_reduce_sum(engine.device, self.loss_sum, self.label_tokens, self.tokens)
+        metrics = {
+            "step": engine.global_steps,
+            "epoch": epoch,
+            "train_loss": loss_sum / max(label_tokens, 1.0),  # per token, like eval_loss
+            "learning_rate": engine.get_lr()[0],
+            "tokens_per_s": tokens / (time.perf_counter() - self.start),
+            "skipped_steps": engine.skipped_steps,  # not applied: an overflow or a non-finite gradient
+        }
+        if engine.fp16_enabled():
+            metrics["loss_scale"] = engine.optimizer.loss_scale
+        return metrics
+
+
+def train_step(engine, step_batches: list[dict], window: Window) -> None:
+    """One optimizer step over its micro-batches, with the loss per label token of the
+    whole step on all workers (``labels.loss_divisor``)."""
+    local_tokens = sum(labels.label_tokens(batch["labels"]) for batch in step_batches)
+    (step_tokens,) = all_reduce_sum(engine.device, local_tokens)
+    divisor = labels.loss_divisor(step_tokens, dist.get_world_size(), len(step_batches))
+    for batch in step_batches:
+        window.tokens += int(batch.pop(batching.NUM_TOKENS))
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        loss = engine(**batch, use_cache=False, num_items_in_batch=divisor).loss
+        engine.backward(loss)
+        engine.step()
+        window.loss_sum += loss.item() * divisor
+    window.label_tokens += local_tokens
+
+
+@torch.no_grad()
+def evaluate(engine, config: TrainConfig, plan: StepPlan, pad_token_id: int) -> float | None:
+    """Token-weighted mean loss over every worker's eval shard."""
+    if plan.eval_batches == 0:
+        return None
+    engine.eval()
+    loss_sum = tokens = 0.0
+    for i, batch in enumerate(micro_batches(config, "eval", pad_token_id, epoch=0)):
+        if i == plan.eval_batches:
+            break
+        batch.pop(batching.NUM_TOKENS)
+        n = float(labels.label_tokens(batch["labels"]))
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        loss_sum += float(engine(**batch, use_cache=False).loss) * n
+        tokens += n
+    engine.train()
+    loss_sum, tokens = all_reduce_sum(engine.device, loss_sum, tokens)
+    return loss_sum / max(tokens, 1.0)
+
+
+def final_metrics(engine, config: TrainConfig, plan: StepPlan, tokenizer, preset: str) -> dict[str, Any]:
+    return {
+        "finished": engine.global_steps >= plan.total_steps,
+        "preset": preset,
+        "param_partition_fractions": partition_fractions(engine),
+        "samples": samples(engine, tokenizer, config.sample_prompts),
+    }
+
+
+def samples(engine, tokenizer, sample_prompts: list[dict]) -> list[dict]:
+    """Greedy answers from the trained (still partitioned) weights.
+
+    Every rank generates the same prompts greedily, so all take the same number of
+    forward passes and the ZeRO-3 parameter gathers stay in step.
+    """
+    from dolly_ray.generation import GenerationParams, InstructionGenerator
+
+    if not sample_prompts:
+        return []
+    generator = InstructionGenerator(engine.module, tokenizer)
+    results = generator.generate(sample_prompts, GenerationParams(greedy=True, max_new_tokens=64), batch_size=1)
+    return [{**prompt, "response": r.response, "finish_reason": r.finish_reason} for prompt, r in zip(sample_prompts, results)]
+
+
+def partition_fractions(engine) -> list[float]:
+    """Each rank's share of the parameter elements it holds: about 1/world under ZeRO-3."""
+    local = sum(p.ds_tensor.numel() for p in engine.module.parameters())
+    total = sum(p.ds_numel for p in engine.module.parameters())
+    shares = [0.0] * dist.get_world_size()
+    shares[dist.get_rank()] = local / total
+    return all_reduce_sum(engine.device, *shares)
+
+
+def all_reduce_sum(device, *values: float) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def report_metrics(metrics: dict) -> None:
+    ray.train.report(metrics)
+
+
+def save_checkpoint(engine, tokenizer, metrics: dict, progress: Progress, *, with_hf_model: bool) -> None:
+    """Write this rank's part of a checkpoint and report it with the metrics (every rank calls it)."""
+    directory = tempfile.mkdtemp(prefix="dolly_ray_ckpt_")
+    try:
+        ckpt.save(
+            engine,
+            tokenizer,
+            directory,
+            client_state={"micro_batches_done": progress.micro_batches_done},
+            history=progress.history,
+            with_hf_model=with_hf_model,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -3,11 +3,10 @@
     python jobs/demo.py --output-dir demo_output
 
 Starts a local Ray (or joins RAY_ADDRESS), needs no downloads, and takes a few minutes
-on 2 cores. Prints sample answers, the run summary as JSON, then `exact_match: 0.NN`.
+on 2 cores. Prints sample answers, `exact_match: 0.NN`, then the run summary as JSON.
 """
 
 import argparse
-import json
 
 from dolly_ray import cli, demo
 
@@ -15,15 +14,10 @@ from dolly_ray import cli, demo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_config_flags(parser, demo.DemoConfig)
-    config = cli.config_from_args(demo.DemoConfig, parser.parse_args())
-    cli.init_ray()
-    summary = demo.run(config)
-    examples = summary.pop("heldout_examples")
-    for example in examples[:8]:
-        verdict = "ok " if example["response"] == example["expected"] else "MISS"
-        print(f"[{verdict}] {example['instruction']} {example['input']!r} -> {example['response']!r} (expected {example['expected']!r})")
-    print(json.dumps(summary))
-    print(f"exact_match: {summary['exact_match']:.2f}", flush=True)
+    cli.add_summary_flag(parser)
+    args = parser.parse_args()
+    lines, summary = demo.report(demo.run(cli.config_from_args(demo.DemoConfig, args)))
+    cli.finish(summary, args.summary_file, lines)
 
 
 if __name__ == "__main__":

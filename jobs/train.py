@@ -1,13 +1,13 @@
 """Instruction-tune a causal LM with Ray Train + DeepSpeed ZeRO-3.
 
     python jobs/train.py --model EleutherAI/gpt-j-6B --dataset tatsu-lab/alpaca --preset a10 --num-workers 8
+    python jobs/train.py --dry-run --accelerator-type A10G --num-workers 4     # the memory and time plan only
     ray job submit --working-dir . -- python jobs/train.py --config run.yaml
 
 The last line printed is a JSON summary: checkpoint, hf_model, train_loss, eval_loss, steps.
 """
 
 import argparse
-import json
 
 from dolly_ray import cli, train
 
@@ -15,10 +15,9 @@ from dolly_ray import cli, train
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_config_flags(parser, train.TrainConfig)
-    config = cli.config_from_args(train.TrainConfig, parser.parse_args())
-    cli.init_ray()
-    summary = train.run(config)
-    print(json.dumps(summary), flush=True)
+    cli.add_summary_flag(parser)
+    args = parser.parse_args()
+    cli.finish(train.run(cli.config_from_args(train.TrainConfig, args)), args.summary_file)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def generator(tiny_model_dir):
+    """The tiny model loaded once for every test that compares against its answers."""
+    from dolly_ray.generation import InstructionGenerator
+
+    return InstructionGenerator.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def task_records():
     return tasks.generate(60, seed=0)
 

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from dolly_ray import batching, checkpoint, data, prompts, tasks, testing, train
+from dolly_ray import batching, checkpoint, data, labels, prompts, sources, tasks, testing, train
 
 
 def _tokenized(records, tokenizer_dir, max_length):
-    """Records through the project's validation and tokenization (no Ray needed)."""
-    table = data.validated_table("records", list(range(1, len(records) + 1)), records, data.parse_columns("alpaca"))
-    out = data.Tokenize(str(tokenizer_dir), max_length, seed=0, eval_fraction=0.0)(table).to_pydict()
-    usable = [i for i, reason in enumerate(out["skip_reason"]) if not reason]
-    return [np.asarray(out["input_ids"][i], np.int32) for i in usable], [np.asarray(out["labels"][i], np.int32) for i in usable]
+    """The valid records through the project's validation and tokenization (no Ray needed)."""
+    checked = [sources.validate_record(record, sources.parse_columns("alpaca")) for record in records]
+    valid = [record for record in checked if not record["skip_reason"]]
+    rows = [row for row in data.tokenize_records(valid, prompts.load_tokenizer(str(tokenizer_dir)), max_length) if not row.too_long]
+    return [np.asarray(row.input_ids, np.int32) for row in rows], [np.asarray(row.labels, np.int32) for row in rows]
 
 
 def _column(values):
@@ -34,11 +34,11 @@ def tiny_model(tiny_model_dir):
 
 
 def _token_losses(model, batch):
-    """Per-position next-token losses (0 where the label is -100) and the summed loss."""
+    """Per-position next-token losses (0 where the label is ignored) and the summed loss."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", batching.NUM_TOKENS)}
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
-    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=batching.IGNORE_INDEX, reduction="none")
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=labels.IGNORE_INDEX, reduction="none")
     return losses, losses.sum()
 
 
@@ -65,22 +65,23 @@ def test_packed_rows_mix_records_of_every_length():
 
 
 def test_packed_forward_gives_the_same_losses_and_gradients(tiny_model, tiny_model_dir):
-    ids, labels = _tokenized(tasks.generate(24, seed=3), tiny_model_dir, max_length=256)
+    ids, record_labels = _tokenized(tasks.generate(24, seed=3), tiny_model_dir, max_length=256)
     lengths = np.array([len(x) for x in ids])
-    padded = batching.PadCollator(0)({"input_ids": _column(ids), "labels": _column(labels)})
-    packed_rows = batching.Pack(256)({"input_ids": _column(ids), "labels": _column(labels), "num_tokens": lengths})
+    response_id = prompts.load_tokenizer(tiny_model_dir).convert_tokens_to_ids(prompts.RESPONSE_KEY)
+    padded = batching.PaddedRecordsCollator(0)({"input_ids": _column(ids), "labels": _column(record_labels)})
+    packed_rows = batching.pack_batch({"input_ids": _column(ids), "num_tokens": lengths}, max_length=256, response_id=response_id)
     assert packed_rows.num_rows < len(ids) / 3  # several records share each row
-    packed = batching.PackCollator(0)(
+    packed = batching.PackedRowsCollator(0)(
         {name: _column([np.asarray(v) for v in packed_rows[name].to_pylist()]) for name in ("input_ids", "labels", "lengths")}
         | {"num_tokens": packed_rows["num_tokens"].to_numpy()}
     )
     assert int(packed[batching.NUM_TOKENS]) == int(padded[batching.NUM_TOKENS]) == lengths.sum()
-    assert batching.label_tokens(packed) == batching.label_tokens(padded)
+    assert labels.label_tokens(packed["labels"]) == labels.label_tokens(padded["labels"])
 
     # Per-record mean loss, unpacked (one padded row each) and packed (a segment of a row).
     padded_losses, padded_sum = _token_losses(tiny_model, padded)
     packed_losses, packed_sum = _token_losses(tiny_model, packed)
-    n_labels = (padded["labels"][:, 1:] != -100).sum(1)
+    n_labels = (padded["labels"][:, 1:] != labels.IGNORE_INDEX).sum(1)
     unpacked_means = padded_losses.sum(1) / n_labels
     packed_means = torch.empty(len(ids))
     for row, records in enumerate(batching.pack_lengths(lengths, 256)):

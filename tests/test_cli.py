@@ -1,13 +1,16 @@
 """Entry points: flags generated from the config, YAML precedence, one-line errors."""
 
 import argparse
+import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
-from dolly_ray import cli, train
+from dolly_ray import cli, generation, tasks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +23,7 @@ def _parse(argv):
 
 def test_defaults_are_the_real_thing():
     config = _parse([])
-    # use_gpu stays open under preset auto until the cluster is known (train.resolve_auto_preset).
+    # use_gpu stays open under preset auto until the cluster is known (deepspeed_config.settle_on_driver).
     assert (config.model, config.dataset, config.preset, config.use_gpu) == ("EleutherAI/gpt-j-6B", "tatsu-lab/alpaca", "auto", None)
 
 
@@ -69,6 +72,8 @@ def test_help_lists_every_flag_with_its_default():
         (["--preset", "h100"], "error: unknown preset 'h100'"),
         (["--preset", "cpu", "--use-gpu"], "error: preset 'cpu' is for CPU-only runs"),
         (["--preset", "cpu", "--accelerator-type", "A10G"], "error: accelerator_type 'A10G' selects GPUs"),
+        (["--preset", "a100", "--no-use-gpu"], "error: preset 'a100' keeps Adam on the GPU and cannot run on CPUs"),
+        (["--cpus-per-worker", "0"], "error: --cpus-per-worker must be at least 0.01, got 0.0"),
         (["--config", "no-such-file.yaml"], "error: cannot read config no-such-file.yaml"),
     ],
 )
@@ -88,3 +93,50 @@ def test_missing_dataset_prints_one_line(tmp_path, tiny_model_dir):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "absent.jsonl" in errors[0]
+
+
+def test_a_request_the_cluster_cannot_grant_fails_fast(tiny_model_dir, tmp_path):
+    dataset = tasks.write_jsonl(tasks.generate(20, seed=1), tmp_path / "tasks.jsonl")
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "jobs/train.py", "--preset", "cpu", "--model", tiny_model_dir, "--dataset", str(dataset), "--num-workers", "2",
+         "--cpus-per-worker", "64", "--storage-path", str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2 and time.monotonic() - start < 60
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    match = re.fullmatch(
+        r"error: 2 workers x 64 CPU = 128 CPU but this cluster has (\d+) CPU, at most \d+ on one node, and cannot add nodes; "
+        r"pass --cpus-per-worker ([\d.]+) or fewer workers \(--num-workers\)",
+        error,
+    )
+    assert match and float(match[2]) == int(match[1]) / 2, error
+    assert not (tmp_path / "runs").exists()  # refused before anything was reserved or written
+
+
+def test_an_embedded_ray_gives_workers_the_cpus_ray_data_leaves(ray_local, tiny_model_dir):
+    config = train.TrainConfig(model=tiny_model_dir, preset="cpu", num_workers=2)
+    settled, memory = train.settle(config, generation.check_loadable_model(tiny_model_dir))
+    assert settled.cpus_per_worker == (ray_local.cluster_resources()["CPU"] - 1) / 2
+    assert (settled.micro_batch_size, settled.gradient_checkpointing) == (8, False) and memory.fits
+    kept = train.settle(train.TrainConfig(model=tiny_model_dir, preset="cpu", cpus_per_worker=1.5, micro_batch_size=3), generation.check_loadable_model(tiny_model_dir))[0]
+    assert (kept.cpus_per_worker, kept.micro_batch_size) == (1.5, 3)
+
+
+@pytest.mark.slow
+def test_the_train_job_with_default_cpus_trains_and_ends_with_its_summary(tiny_model_dir, tmp_path):
+    """The command that used to wait for ever: 2 workers on a local Ray, no --cpus-per-worker."""
+    dataset = tasks.write_jsonl(tasks.generate(60, seed=1), tmp_path / "tasks.jsonl")
+    summary_file = tmp_path / "out" / "summary.json"
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    result = subprocess.run(
+        [sys.executable, "jobs/train.py", "--preset", "cpu", "--model", tiny_model_dir, "--dataset", str(dataset), "--num-workers", "2",
+         "--max-steps", "2", "--max-length", "128", "--storage-path", str(tmp_path / "runs"), "--summary-file", str(summary_file)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["finished"] is True and summary["steps"] == 2
+    assert summary["cpus_per_worker"] < 1 and summary["micro_batch_size"] == 8
+    assert summary_file.read_text() == result.stdout.splitlines()[-1] + "\n"

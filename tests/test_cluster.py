@@ -22,7 +22,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from dolly_ray import tasks, testing, train
+from dolly_ray import deepspeed_config, tasks, testing, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,15 +71,17 @@ def test_nothing_listens_beyond_the_head_nodes_localhost(cluster_config):
 
 
 def test_auto_preset_settles_gpu_or_cpu_on_the_driver():
-    auto = train.TrainConfig(preset="auto")
-    assert (train.resolve_auto_preset(auto, cluster_gpus=0).preset, train.resolve_auto_preset(auto, 0).use_gpu) == ("cpu", False)
-    with_gpus = train.resolve_auto_preset(auto, cluster_gpus=8)
-    assert (with_gpus.preset, with_gpus.use_gpu) == ("auto", True)  # the workers pick from their GPUs
+    def settle(cluster_gpus, **flags):
+        config = train.TrainConfig(**{"preset": "auto", **flags})
+        return deepspeed_config.settle_on_driver(config.preset, config.use_gpu, config.accelerator_type, cluster_gpus)
+
+    assert settle(cluster_gpus=0) == ("cpu", False)
+    assert settle(cluster_gpus=8) == ("auto", True)  # the workers pick from their GPUs
     # Asking for GPUs waits for the autoscaler instead of falling back to the CPU.
-    assert train.resolve_auto_preset(train.TrainConfig(preset="auto", accelerator_type="A10G"), 0).use_gpu is True
-    assert train.resolve_auto_preset(train.TrainConfig(preset="auto", use_gpu=True), 0).use_gpu is True
-    assert train.resolve_auto_preset(train.TrainConfig(preset="auto", use_gpu=False), 8).preset == "cpu"
-    assert train.resolve_auto_preset(train.TrainConfig(preset="v100"), 0).preset == "v100"
+    assert settle(0, accelerator_type="A10G")[1] is True
+    assert settle(0, use_gpu=True)[1] is True
+    assert settle(8, use_gpu=False)[0] == "cpu"
+    assert settle(0, preset="v100")[0] == "v100"
 
 
 # --- a real local cluster and `ray job submit` -------------------------------------
@@ -143,9 +145,10 @@ class LocalCluster:
 
 
 def _summary(logs: str) -> dict:
-    """The JSON summary a job prints last (progress bars may share its line)."""
-    start = logs.rindex('{"')
-    return json.JSONDecoder().raw_decode(logs[start:])[0]
+    """The JSON summary a job prints last: a whole line of the combined log, nothing after it."""
+    lines = [line for line in logs.splitlines() if line.strip()]
+    assert lines[-1].startswith("{") and "\x1b" not in lines[-1], lines[-3:]
+    return json.loads(lines[-1])
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +208,20 @@ def test_a_failing_job_ends_failed_with_its_one_line_error(local_cluster, model,
     assert local_cluster.status("train-bad") == "failed"
     error_lines = [line for line in local_cluster.logs("train-bad").splitlines() if line.startswith("error:")]
     assert error_lines == [f"error: cannot read {missing}: no such file or directory"]
+
+
+def test_an_embedded_ray_cannot_grow_and_says_what_waits(ray_local):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from dolly_ray import cluster
+
+    assert cluster.started_here() and not cluster.can_add_nodes()
+    assert cluster.total("CPU") == cluster.largest_node("CPU") == ray_local.cluster_resources()["CPU"]
+    waiting = placement_group([{"CPU": 64}])  # more than any node here has: it stays pending
+    try:
+        deadline = time.monotonic() + 60
+        while not any("64" in demand for demand in cluster._pending_demands()) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert any("64" in demand for demand in cluster._pending_demands()), cluster._pending_demands()
+    finally:
+        remove_placement_group(waiting)

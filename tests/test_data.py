@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from ray.data.expressions import col
 
-from dolly_ray import data, prompts, testing
+from dolly_ray import data, prompts, sources, testing
+from dolly_ray.labels import IGNORE_INDEX
 
 
 def _prepare(source, model_dir, **config):
@@ -37,7 +38,7 @@ def test_labels_cover_only_response_and_end_key(ray_local, tiny_model_dir, tmp_p
         expected = tokenizer(prompts.format_training_text(record["instruction"], record["output"], record["input"]))["input_ids"]
         assert input_ids == expected and row["num_tokens"] == len(expected)
         response_at = input_ids.index(ids.response)
-        assert labels[: response_at + 1] == [-100] * (response_at + 1)
+        assert labels[: response_at + 1] == [IGNORE_INDEX] * (response_at + 1)
         assert labels[response_at + 1 :] == input_ids[response_at + 1 :]
         assert labels[-1] == ids.end
         assert tokenizer.decode(labels[response_at + 1 :]) == f"\n{record['output']}\n\n{prompts.END_KEY}"
@@ -54,7 +55,7 @@ def test_too_long_row_is_skipped_not_truncated(ray_local, tiny_model_dir, tmp_pa
     assert report.train_rows == 1
     assert "row 2" in report.first_skip["too_long"] and "> max_length 96" in report.first_skip["too_long"]
     (row,) = prepared.train.take_all()
-    assert any(label != -100 for label in row["labels"])
+    assert any(label != IGNORE_INDEX for label in row["labels"])
 
 
 def _write_all_formats(records, tmp_path):
@@ -85,17 +86,11 @@ def test_hub_style_dataset_loads_through_load_dataset(ray_local, tiny_model_dir,
     records = [{k: r[k] for k in ("instruction", "input", "output")} for r in task_records]
     pq.write_table(pa.Table.from_pylist(records), repo / "data" / "train-00000-of-00001.parquet")
     config = data.DataConfig(source=str(repo), eval_fraction=0.3)
-    to_table = functools.partial(data.validated_table, columns=data.parse_columns("alpaca"))
-    from_hub = data.PreparedData(config, tiny_model_dir, records=data.read_raw(str(repo), "train", to_table, use_datasets=True))
+    to_table = functools.partial(sources.validated_table, columns=sources.parse_columns("alpaca"))
+    from_hub = data.PreparedData(config, tiny_model_dir, records=sources.read_raw(str(repo), "train", to_table, use_datasets=True))
     from_file = _prepare(_write_all_formats(records, tmp_path)[1], tiny_model_dir, eval_fraction=0.3)
     assert _rows(from_hub) == _rows(from_file)
     assert from_hub.records.take(1)[0]["source"] == str(repo)
-
-
-def test_source_routing():
-    assert data.is_hub_id("tatsu-lab/alpaca") and data.is_hub_id("databricks/databricks-dolly-15k")
-    assert not data.is_hub_id("s3://bucket/alpaca.parquet")
-    assert not data.is_hub_id("missing/records.jsonl")
 
 
 def test_dolly_and_custom_column_mappings(ray_local, tiny_model_dir, tmp_path):
@@ -110,14 +105,14 @@ def test_dolly_and_custom_column_mappings(ray_local, tiny_model_dir, tmp_path):
 
 
 def test_parse_columns_errors():
-    assert data.parse_columns("instruction=q,output=a") == data.Columns("q", "input", "a")
-    assert data.parse_columns("instruction=q,input=,output=a").input is None
-    with pytest.raises(data.DataError, match="unknown column schema 'vicuna'"):
-        data.parse_columns("vicuna")
-    with pytest.raises(data.DataError, match="unknown column role 'answer'"):
-        data.parse_columns("instruction=q,answer=a")
-    with pytest.raises(data.DataError, match="must name both"):
-        data.parse_columns("instruction=q")
+    assert sources.parse_columns("instruction=q,output=a") == sources.Columns("q", "input", "a")
+    assert sources.parse_columns("instruction=q,input=,output=a").input is None
+    with pytest.raises(sources.DataError, match="unknown column schema 'vicuna'"):
+        sources.parse_columns("vicuna")
+    with pytest.raises(sources.DataError, match="unknown column role 'answer'"):
+        sources.parse_columns("instruction=q,answer=a")
+    with pytest.raises(sources.DataError, match="must name both"):
+        sources.parse_columns("instruction=q")
 
 
 BAD_LINES = {
@@ -151,31 +146,31 @@ def test_bad_records_are_counted_by_reason(ray_local, tiny_model_dir, tmp_path):
 def test_strict_mode_names_row_and_field(ray_local, tiny_model_dir, tmp_path):
     path = tmp_path / "strict.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 5}\n')
-    with pytest.raises(data.DataError, match=r"strict.jsonl row 3: field 'output' is of type int, not a string"):
+    with pytest.raises(sources.DataError, match=r"strict.jsonl row 3: field 'output' is of type int, not a string"):
         _prepare(path, tiny_model_dir, strict=True).report()
     records = [{"instruction": "a", "output": "b"}, {"instruction": None, "output": "b"}]
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "strict.parquet")
-    with pytest.raises(data.DataError, match=r"strict.parquet row 2: field 'instruction' is null"):
+    with pytest.raises(sources.DataError, match=r"strict.parquet row 2: field 'instruction' is null"):
         _prepare(tmp_path / "strict.parquet", tiny_model_dir, strict=True).report()
 
 
 def test_no_usable_records_hints_at_the_column_mapping(ray_local, tiny_model_dir, tmp_path):
     path = tmp_path / "dolly.jsonl"
     path.write_text('{"instruction": "a", "context": "", "response": "b"}\n')
-    with pytest.raises(data.DataError, match="no usable training records.*missing_output=1.*column mapping"):
+    with pytest.raises(sources.DataError, match="no usable training records.*missing_output=1.*column mapping"):
         _prepare(path, tiny_model_dir).report()
 
 
 def test_unreadable_sources_give_clear_errors(ray_local, tiny_model_dir, tmp_path):
     (tmp_path / "records.csv").write_text("instruction,output\na,b\n")
-    with pytest.raises(data.DataError, match=r"unsupported file type '\.csv'"):
+    with pytest.raises(sources.DataError, match=r"unsupported file type '\.csv'"):
         _prepare(tmp_path / "records.csv", tiny_model_dir)
-    with pytest.raises(data.DataError, match="cannot read"):
+    with pytest.raises(sources.DataError, match="cannot read"):
         _prepare(tmp_path / "absent.jsonl", tiny_model_dir)
     (tmp_path / "broken.json").write_text('[{"instruction": "a", "output": "b"},')
-    with pytest.raises(data.DataError, match="broken.json: not a valid JSON array"):
+    with pytest.raises(sources.DataError, match="broken.json: not a valid JSON array"):
         _prepare(tmp_path / "broken.json", tiny_model_dir).report()
-    with pytest.raises(data.DataError, match="cannot load dataset 'no-such-owner/no-such-dataset'"):
+    with pytest.raises(sources.DataError, match="cannot load dataset 'no-such-owner/no-such-dataset'"):
         _prepare("no-such-owner/no-such-dataset", tiny_model_dir)
 
 

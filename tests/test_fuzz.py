@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dolly_ray import batch, data, fuzz, tasks, testing, train
+from dolly_ray import batch_generate, data, fuzz, sources, tasks, testing, train
 
 
 def _good(n, seed=3):
@@ -37,7 +37,7 @@ def test_strict_mode_stops_at_the_first_hostile_line(ray_local, tiny_model_dir, 
     path = tmp_path / "hostile.jsonl"
     lines = fuzz.write_mixed_jsonl(path, _good(10), seed=2, long_chars=10_000)
     first = next(number for number, case in enumerate(lines, start=1) if case.skip_reason)
-    with pytest.raises(data.DataError, match=rf"invalid record \({lines[first - 1].skip_reason}\) in .*hostile.jsonl row {first}: "):
+    with pytest.raises(sources.DataError, match=rf"invalid record \({lines[first - 1].skip_reason}\) in .*hostile.jsonl row {first}: "):
         data.PreparedData(data.DataConfig(source=str(path), max_length=256, strict=True), tiny_model_dir).report()
 
 
@@ -59,23 +59,23 @@ def test_wrong_file_extension_gives_a_clear_error(ray_local, tiny_model_dir, tmp
         "json.parquet": lambda path: path.write_text(json.dumps(records)),
     }
     writers[name](tmp_path / name)
-    with pytest.raises(data.DataError, match=WRONG_EXTENSIONS[name]):
+    with pytest.raises(sources.DataError, match=WRONG_EXTENSIONS[name]):
         data.PreparedData(data.DataConfig(source=str(tmp_path / name)), tiny_model_dir).report()
 
 
 def test_batch_job_refuses_an_unsupported_file_type(tiny_model_dir, tmp_path):
-    # The batch job reads with the same reader (data.read_raw), so it gives the same errors.
+    # The batch job reads with the same reader (sources.read_raw), so it gives the same errors.
     (tmp_path / "records.txt").write_text("".join(json.dumps(r) + "\n" for r in _good(3)))
-    config = batch.BatchConfig(model=tiny_model_dir, input=str(tmp_path / "records.txt"), output=str(tmp_path / "out.jsonl"))
-    with pytest.raises(data.DataError, match=WRONG_EXTENSIONS["records.txt"]):
-        batch.run(config)
+    config = batch_generate.BatchConfig(model=tiny_model_dir, input=str(tmp_path / "records.txt"), output=str(tmp_path / "out.jsonl"))
+    with pytest.raises(sources.DataError, match=WRONG_EXTENSIONS["records.txt"]):
+        batch_generate.run(config)
     assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_batch_job_answers_or_flags_every_hostile_row(ray_local, tiny_model_dir, tmp_path):
     path = tmp_path / "hostile.jsonl"
     lines = fuzz.write_mixed_jsonl(path, _good(len(fuzz.cases(0))), seed=3)
-    config = batch.BatchConfig(
+    config = batch_generate.BatchConfig(
         model=tiny_model_dir,
         input=str(path),
         output=str(tmp_path / "out.jsonl"),
@@ -84,7 +84,7 @@ def test_batch_job_answers_or_flags_every_hostile_row(ray_local, tiny_model_dir,
         batch_size=8,
         num_cpus_per_actor=0.5,
     )
-    summary = batch.run(config)
+    summary = batch_generate.run(config)
     with open(tmp_path / "out.jsonl", "rb") as f:
         rows = [json.loads(line) for line in f]
     assert summary["rows"] == len(rows) == len(lines)

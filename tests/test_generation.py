@@ -1,26 +1,21 @@
 """InstructionGenerator: stop at ### End, order under length sorting, left truncation."""
 
 import random
-from pathlib import Path
+import threading
 
 import pytest
 import torch
 
-from dolly_ray import generation, prompts, testing
+from dolly_ray import prompts, testing
 from dolly_ray.generation import (
     GenerationParams,
     GenerationResult,
     InstructionGenerator,
     default_dtype,
-    micro_batches,
+    length_sorted_batches,
 )
 
 GREEDY = GenerationParams(greedy=True, max_new_tokens=16)
-
-
-@pytest.fixture(scope="module")
-def generator(tiny_model_dir):
-    return InstructionGenerator.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +108,11 @@ def test_results_keep_input_order(generator):
     assert capped == alone
 
 
-def test_micro_batches_are_length_sorted_and_capped():
-    assert micro_batches([5, 1, 9, 3, 3, 7], batch_size=2) == [[2, 5], [0, 3], [4, 1]]
-    assert micro_batches([5, 1, 9, 3, 3, 7], batch_size=10, max_batch_tokens=20) == [[2, 5], [0, 3, 4, 1]]
-    assert micro_batches([50, 2], batch_size=4, max_batch_tokens=10) == [[0], [1]]  # a long row still runs alone
-    assert micro_batches([], batch_size=3) == []
+def test_batches_are_length_sorted_and_capped():
+    assert length_sorted_batches([5, 1, 9, 3, 3, 7], batch_size=2) == [[2, 5], [0, 3], [4, 1]]
+    assert length_sorted_batches([5, 1, 9, 3, 3, 7], batch_size=10, max_batch_tokens=20) == [[2, 5], [0, 3, 4, 1]]
+    assert length_sorted_batches([50, 2], batch_size=4, max_batch_tokens=10) == [[0], [1]]  # a long row still runs alone
+    assert length_sorted_batches([], batch_size=3) == []
 
 
 def test_long_prompt_is_truncated_from_the_left(tmp_path):
@@ -170,22 +165,6 @@ def test_a_tiny_model_with_an_english_tokenizer_has_rows_for_the_prompt_keys(tmp
     assert generator.generate(["Name a colour."], GenerationParams(greedy=True, max_new_tokens=2))[0].num_generated_tokens >= 1
 
 
-def test_pickled_weights_need_allow_pickle(tiny_model_dir, tmp_path):
-    import shutil
-
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    shutil.copytree(tiny_model_dir, tmp_path, dirs_exist_ok=True)
-    (tmp_path / "model.safetensors").unlink()
-    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(OSError):
-        InstructionGenerator.from_pretrained(str(tmp_path))
-    generator = InstructionGenerator.from_pretrained(str(tmp_path), allow_pickle=True)
-    assert generator.generate(["Say hi"], GenerationParams(greedy=True, max_new_tokens=2))[0].num_generated_tokens >= 1
-    InstructionGenerator.from_pretrained(tiny_model_dir, allow_pickle=True)  # safetensors still load
-
-
 def test_defaults():
     assert default_dtype("cpu") == torch.float32
     assert GenerationParams().top_p == 0.92 and GenerationParams().top_k == 0
@@ -200,27 +179,26 @@ def test_gpus_generate_in_bf16_where_supported_else_fp16(bf16, expected, monkeyp
     assert default_dtype("cuda") == default_dtype(torch.device("cuda", 1)) == expected
 
 
-def test_a_model_on_remote_storage_is_fetched_once_then_loaded(tiny_model_dir, tmp_path, monkeypatch):
-    # file:// goes through the same pyarrow filesystem copy as s3:// or gs://.
-    monkeypatch.setattr("dolly_ray.generation.MODEL_CACHE", str(tmp_path / "cache"))
-    uri = Path(tiny_model_dir).resolve().as_uri()
-    remote = InstructionGenerator.from_pretrained(uri, device="cpu")
-    local = InstructionGenerator.from_pretrained(tiny_model_dir, device="cpu")
-    params = GenerationParams(greedy=True, max_new_tokens=6)
-    assert remote.generate(["Say hi"], params) == local.generate(["Say hi"], params)
-    (cached,) = (tmp_path / "cache").iterdir()
-    assert sorted(p.name for p in cached.iterdir()) == sorted(p.name for p in Path(tiny_model_dir).iterdir())
-    assert generation.local_model_dir(uri) == str(cached)  # no second copy
-    assert generation.local_model_dir(tiny_model_dir) == tiny_model_dir
+# --- streaming (what Serve's streamed responses use) ---------------------------------
 
 
-def test_a_driver_checks_a_remote_model_without_fetching_its_weights(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("dolly_ray.generation.MODEL_CACHE", str(tmp_path / "cache"))
-    uri = Path(tiny_model_dir).resolve().as_uri()
-    generation.check_model(uri, max_new_tokens=16)
-    (config_only,) = (tmp_path / "cache").iterdir()
-    assert (config_only / "config.json").is_file() and not list(config_only.glob("*.safetensors"))
-    with pytest.raises(ValueError, match="leaves no room for a prompt"):
-        generation.check_model(uri, max_new_tokens=100_000)
-    with pytest.raises(ValueError, match="cannot load model"):
-        generation.check_model((tmp_path / "absent").as_uri())
+def test_stream_pieces_join_to_the_generated_response(generator):
+    requests_ = ["Reverse the word.", ("Sort the numbers.", "3 1 2"), "x" * 40]
+    params = GenerationParams(greedy=True, max_new_tokens=24)
+    expected = generator.generate(requests_, params, batch_size=1)
+    for request, result in zip(requests_, expected):
+        *pieces, final = list(generator.stream(request, params))
+        assert all(isinstance(p, str) and p for p in pieces)
+        assert final == result
+        assert "".join(pieces) == result.response
+
+
+def test_closing_a_stream_stops_generation(generator, monkeypatch):
+    steps = []
+    forward = generator.model.forward
+    monkeypatch.setattr(generator.model, "forward", lambda *a, **k: steps.append(1) or forward(*a, **k))
+    pieces = generator.stream("Write a long story.", GenerationParams(greedy=True, max_new_tokens=1500))
+    next(pieces)
+    pieces.close()  # joins the generation thread
+    assert not [t for t in threading.enumerate() if t.name == "InstructionGenerator.stream"]
+    assert len(steps) < 100  # stopped within a step of the close, far from 1500

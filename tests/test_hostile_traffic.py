@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from dolly_ray import serve as dolly_serve
-from dolly_ray.generation import GenerationParams, InstructionGenerator
+from dolly_ray.generation import GenerationParams
 
 SEED = 20261122
 NUM_HOSTILE = 600
@@ -31,11 +31,6 @@ BODY_LIMIT = 16 * 1024
 KEY = "hostile-test-key"
 ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
 GREEDY = GenerationParams(greedy=True, max_new_tokens=TOKENS)
-
-
-@pytest.fixture(scope="module")
-def generator(tiny_model_dir):
-    return InstructionGenerator.from_pretrained(tiny_model_dir)
 
 
 def _config(tiny_model_dir, **overrides) -> dolly_serve.ServeConfig:
@@ -74,6 +69,7 @@ class Hostile:
     headers: dict = field(default_factory=dict)
     stream: bool = False
     message: str = ""  # text the error message must hold
+    allow: str = ""  # the Allow header a 405 must carry
 
     def expects(self, status: int) -> bool:
         return status in self.status if isinstance(self.status, frozenset) else status == self.status
@@ -426,6 +422,72 @@ def hostile_requests(seed: int, n: int) -> list[Hostile]:
     return made
 
 
+# --- named requests: each a case a client gets wrong in practice, sent every run ------------------
+
+LONG_PROMPT = "tell me more about this " * 600  # under the body cap, well past the tiny model's 2048 positions
+USER = {"role": "user", "content": "hi"}
+NAMED = {
+    "no instruction": ("/generate", {"input": "x"}, 422),
+    "empty instruction": ("/generate", {"instruction": ""}, 422),
+    "blank instruction": ("/generate", {"instruction": " \n\t"}, 422),
+    "instruction is a number": ("/generate", {"instruction": 42}, 422),
+    "instruction is null": ("/generate", {"instruction": None}, 422),
+    "instruction holds a prompt key": ("/generate", {"instruction": "a ### Response: b"}, 422),
+    "input is a list": ("/generate", {"instruction": "x", "input": ["a"]}, 422),
+    "input holds the end key": ("/generate", {"instruction": "x", "input": "### End"}, 422),
+    "max_new_tokens as text": ("/generate", {"instruction": "x", "max_new_tokens": "5"}, 422),
+    "max_new_tokens is a bool": ("/generate", {"instruction": "x", "max_new_tokens": True}, 422),
+    "max_new_tokens zero": ("/generate", {"instruction": "x", "max_new_tokens": 0}, 422),
+    "max_new_tokens over the cap": ("/generate", {"instruction": "x", "max_new_tokens": LIMIT + 1}, 400),
+    "max_new_tokens enormous": ("/generate", {"instruction": "x", "max_new_tokens": 10**30}, 400),
+    "negative temperature": ("/generate", {"instruction": "x", "temperature": -0.5}, 422),
+    "temperature as text": ("/generate", {"instruction": "x", "temperature": "hot"}, 422),
+    "temperature so small that sampling overflows": ("/generate", {"instruction": "x", "temperature": 1e-300}, 422),
+    "temperature above 2": ("/generate", {"instruction": "x", "temperature": 2.5}, 422),
+    "top_p zero": ("/generate", {"instruction": "x", "top_p": 0}, 422),
+    "top_p above one": ("/generate", {"instruction": "x", "top_p": 1.5}, 422),
+    "negative seed": ("/generate", {"instruction": "x", "seed": -1}, 422),
+    "unknown field": ("/generate", {"instruction": "x", "max_tokens": 5}, 422),
+    "prompt longer than the context": ("/generate", {"instruction": LONG_PROMPT}, 400),
+    "body is a list": ("/generate", [{"instruction": "x"}], 422),
+    "completion for an unknown model": ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404),
+    "completion without prompt": ("/v1/completions", {"model": None}, 422),
+    "completion prompt as a list": ("/v1/completions", {"prompt": ["x", "y"]}, 422),
+    "completion with n=2": ("/v1/completions", {"prompt": "x", "n": 2}, 422),
+    "completion with stop sequences": ("/v1/completions", {"prompt": "x", "stop": ["\n"]}, 422),
+    "completion max_tokens over the cap": ("/v1/completions", {"prompt": "x", "max_tokens": LIMIT + 1}, 400),
+    "streamed completion too long for the context": ("/v1/completions", {"prompt": LONG_PROMPT, "stream": True}, 400),
+    "stream flag as text": ("/v1/completions", {"prompt": "x", "stream": "yes"}, 422),
+    "chat with an unknown model": ("/v1/chat/completions", {"model": "nope", "messages": [USER]}, 404),
+    "chat without messages": ("/v1/chat/completions", {"messages": []}, 422),
+    "chat with no user message": ("/v1/chat/completions", {"messages": [{"role": "system", "content": "be nice"}]}, 400),
+    "chat with an unknown role": ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 422),
+    "chat content not text": ("/v1/chat/completions", {"messages": [{"role": "user", "content": {"text": "hi"}}]}, 422),
+    "chat last user message blank": ("/v1/chat/completions", {"messages": [USER, {"role": "user", "content": "  "}]}, 400),
+    "chat with both token limits": ("/v1/chat/completions", {"messages": [USER], "max_tokens": 3, "max_completion_tokens": 3}, 400),
+}
+NAMED_RAW = {
+    "malformed JSON": ("POST", "/generate", b'{"instruction": ', JSON, 422),
+    "NaN temperature": ("POST", "/generate", b'{"instruction": "x", "temperature": NaN}', JSON, 422),
+    "unpaired surrogate": ("POST", "/generate", b'{"instruction": "x \\ud800"}', JSON, 422),
+    "invalid UTF-8": ("POST", "/generate", b'{"instruction": "\xff\xfe"}', JSON, 400),
+    "empty body": ("POST", "/generate", b"", JSON, 422),
+    "form instead of JSON": ("POST", "/generate", b"instruction=x", {"content-type": "application/x-www-form-urlencoded"}, 422),
+    "body over the size cap": ("POST", "/generate", b'{"instruction": "' + b"a" * BODY_LIMIT + b'"}', JSON, 413),
+    "chunked body over the size cap": ("POST", "/generate", [b'{"instruction": "'] + [b"b" * (BODY_LIMIT // 4)] * 8 + [b'"}'], JSON, 413),
+    "GET on a POST route": ("GET", "/generate", None, {}, 405),
+    "unknown path": ("POST", "/v2/complete", b"{}", JSON, 404),
+}
+
+
+def named_requests() -> list[Hostile]:
+    made = [Hostile(f"named:{name}", "POST", path, status, json.dumps(body).encode(), JSON) for name, (path, body, status) in NAMED.items()]
+    made += [Hostile(f"named:{name}", method, path, status, body, headers) for name, (method, path, body, headers, status) in NAMED_RAW.items()]
+    for request in made:
+        request.allow = "POST" if request.status == 405 else ""
+    return made
+
+
 # --- sending and checking -------------------------------------------------------------------
 
 
@@ -445,6 +507,8 @@ def _send(url: str, request: Hostile) -> tuple[int | str, str]:
             return reply.status_code, f"error body is not an OpenAI-style JSON error: {reply.text[:300]!r}"
         if not isinstance(message, str) or not message or request.message not in message:
             return reply.status_code, f"error message {message!r} does not say {request.message!r}"
+        if request.allow and reply.headers.get("allow") != request.allow:
+            return reply.status_code, f"Allow header {reply.headers.get('allow')!r}, expected {request.allow!r}"
         return reply.status_code, ""
     if request.stream:
         events = [line[len("data: ") :] for line in reply.text.splitlines() if line.startswith("data: ")]
@@ -471,7 +535,7 @@ def test_hostile_requests_are_reproducible():
 
 @pytest.mark.slow
 def test_hostile_traffic_gets_4xx_and_the_server_keeps_answering(server, generator):
-    made = hostile_requests(SEED, NUM_HOSTILE)
+    made = named_requests() + hostile_requests(SEED, NUM_HOSTILE)
     replica = requests.get(f"{server}/v1/stats", timeout=60).json()["replica"]
     start = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
@@ -482,7 +546,7 @@ def test_hostile_traffic_gets_4xx_and_the_server_keeps_answering(server, generat
     statuses = collections.Counter(status for status, _ in results)
     print(f"\nhostile requests: {len(made)} in {elapsed:.1f}s, by status {dict(sorted(statuses.items(), key=str))}")
     assert not problems, f"{len(problems)} of {len(made)} (seed {SEED}):\n" + "\n".join(problems[:40])
-    assert statuses[200] >= 50 and sum(n for s, n in statuses.items() if 400 <= s < 500) >= 400
+    assert statuses[200] >= 50 and sum(n for s, n in statuses.items() if 400 <= s < 500) >= 400 + len(NAMED) + len(NAMED_RAW)
 
     # The same replica, never restarted, still answers correctly.
     assert requests.get(f"{server}/v1/stats", timeout=60).json()["replica"] == replica

@@ -61,3 +61,14 @@ def test_exact_match():
     assert tasks.exact_match(["a", " b\n", "c"], ["a", "b", "d"]) == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
         tasks.exact_match(["a"], [])
+
+
+def test_task_words_are_one_token_per_letter(tiny_model_dir):
+    from dolly_ray import prompts
+
+    tokenizer = prompts.load_tokenizer(tiny_model_dir)
+    for record in tasks.generate(200, seed=3):
+        text = prompts.format_training_text(record["instruction"], record["output"], record["input"])
+        for word in [record["input"], record["output"]] if record["task"] == "reverse_word" else []:
+            assert word in text and len(tokenizer.tokenize(word)) == len(word), (word, tokenizer.tokenize(word))
+

@@ -5,12 +5,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
 
-from dolly_ray import batch
-from dolly_ray.data import Columns, DataError
+from dolly_ray import batch_generate, cluster
+from dolly_ray.cli import ConfigError
+from dolly_ray.sources import Columns, DataError
 from dolly_ray.generation import GenerationParams, InstructionGenerator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +73,7 @@ def _check(rows_out, expected):
 def test_jsonl_in_jsonl_out(ray_local, tiny_model_dir, tmp_path, expected):
     source = _write_jsonl(tmp_path / "in.jsonl", ROWS)
     output = tmp_path / "out" / "responses.jsonl"
-    summary = batch.run(batch.BatchConfig(model=tiny_model_dir, input=source, output=str(output), **PARAMS))
+    summary = batch_generate.run(batch_generate.BatchConfig(model=tiny_model_dir, input=source, output=str(output), **PARAMS))
     rows_out = [json.loads(line) for line in output.read_text().splitlines()]
     _check(rows_out, expected)
     assert rows_out[3]["instruction"] == 42  # the original value, untouched
@@ -85,8 +87,8 @@ def test_jsonl_in_jsonl_out(ray_local, tiny_model_dir, tmp_path, expected):
 def test_column_mapping_and_parquet_out(ray_local, tiny_model_dir, tmp_path, expected):
     source = _write_jsonl(tmp_path / "in.jsonl", ROWS, rename={"instruction": "prompt", "input": "context"})
     output = tmp_path / "responses.parquet"
-    summary = batch.run(
-        batch.BatchConfig(
+    summary = batch_generate.run(
+        batch_generate.BatchConfig(
             model=tiny_model_dir, input=source, output=str(output), columns="instruction=prompt,input=context", **PARAMS
         )
     )
@@ -111,7 +113,7 @@ def test_lone_surrogates_flag_the_row_in_parquet_and_stay_exact_in_jsonl(ray_loc
     source.write_text("\n".join(lines) + "\n")
 
     def run(output):
-        return batch.run(batch.BatchConfig(model=tiny_model_dir, input=str(source), output=str(tmp_path / output), **PARAMS))
+        return batch_generate.run(batch_generate.BatchConfig(model=tiny_model_dir, input=str(source), output=str(tmp_path / output), **PARAMS))
 
     summary = run("out.parquet")
     rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
@@ -137,8 +139,8 @@ def test_saved_hf_dataset_in(ray_local, tiny_model_dir, tmp_path, expected):
         str(tmp_path / "ds")
     )
     output = tmp_path / "out.data"
-    summary = batch.run(
-        batch.BatchConfig(model=tiny_model_dir, input=str(tmp_path / "ds"), output=str(output), output_format="jsonl", **PARAMS)
+    summary = batch_generate.run(
+        batch_generate.BatchConfig(model=tiny_model_dir, input=str(tmp_path / "ds"), output=str(output), output_format="jsonl", **PARAMS)
     )
     rows_out = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["id"] for r in rows_out] == [r["id"] for r in records]
@@ -148,20 +150,20 @@ def test_saved_hf_dataset_in(ray_local, tiny_model_dir, tmp_path, expected):
 
 
 def test_input_columns():
-    assert batch.input_columns("alpaca") == Columns("instruction", "input", None)
-    assert batch.input_columns("dolly") == Columns("instruction", "context", None)
-    assert batch.input_columns("instruction=prompt,input=context") == Columns("prompt", "context", None)
-    assert batch.input_columns("instruction=q,input=") == Columns("q", None, None)
-    assert batch.input_columns("instruction=q,input=c,output=a") == Columns("q", "c", None)
+    assert batch_generate.input_columns("alpaca") == Columns("instruction", "input", None)
+    assert batch_generate.input_columns("dolly") == Columns("instruction", "context", None)
+    assert batch_generate.input_columns("instruction=prompt,input=context") == Columns("prompt", "context", None)
+    assert batch_generate.input_columns("instruction=q,input=") == Columns("q", None, None)
+    assert batch_generate.input_columns("instruction=q,input=c,output=a") == Columns("q", "c", None)
     for bad in ("prompt", "input=context", "instruction=q,answer=a"):
         with pytest.raises(DataError):
-            batch.input_columns(bad)
+            batch_generate.input_columns(bad)
 
 
 def test_check_refuses_bad_jobs_before_ray(tiny_model_dir, tmp_path):
     source = _write_jsonl(tmp_path / "in.jsonl", ROWS)
     ok = dict(model=tiny_model_dir, input=source, output=str(tmp_path / "o.jsonl"))
-    batch.check(batch.BatchConfig(**ok))
+    batch_generate.check(batch_generate.BatchConfig(**ok))
     bad = [
         (dict(input=str(tmp_path / "missing.jsonl")), "input not found"),
         (dict(model=str(tmp_path / "no-model")), "model directory not found"),
@@ -170,12 +172,12 @@ def test_check_refuses_bad_jobs_before_ray(tiny_model_dir, tmp_path):
         (dict(temperature=0.0), "temperature"),
     ]
     for change, message in bad:
-        with pytest.raises(batch.BatchError, match=message):
-            batch.check(batch.BatchConfig(**{**ok, **change}))
+        with pytest.raises(ConfigError, match=message):
+            batch_generate.check(batch_generate.BatchConfig(**{**ok, **change}))
 
 
 def _run_job(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
     return subprocess.run([sys.executable, JOB, *args], capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -216,8 +218,22 @@ def test_bad_arguments_are_one_line_errors(tiny_model_dir, tmp_path):
         assert "Traceback" not in done.stderr
 
 
-def test_warns_when_actors_leave_no_cpu_for_reading(ray_local, capsys):
-    batch._warn_if_no_cpu_left(1)
-    assert "warning" not in capsys.readouterr().err
-    batch._warn_if_no_cpu_left(2)
-    assert "leaving less than one for reading" in capsys.readouterr().err
+def test_actors_that_leave_no_cpu_for_reading_are_refused(ray_local):
+    cpus = ray_local.cluster_resources()["CPU"]
+    cluster.check_fits(batch_generate.actor_request(1, cpus - 1, 0.0))  # one CPU stays for the read tasks
+    with pytest.raises(ConfigError, match=rf"2 actors x {cpus:g} CPU = {2 * cpus:g} CPU, plus 1 CPU for Ray Data to read the input, but"):
+        cluster.check_fits(batch_generate.actor_request(2, cpus, 0.0))
+    with pytest.raises(ConfigError, match=r"1 actor x 1 GPU = 1 GPU but this cluster has 0 GPU"):
+        cluster.check_fits(batch_generate.actor_request(1, 0.5, 1.0))
+
+
+def test_the_job_fails_fast_when_its_actors_cannot_all_start(tiny_model_dir, tmp_path):
+    """The job that used to wait for ever: more actor CPUs than the local Ray has."""
+    source = _write_jsonl(tmp_path / "in.jsonl", ROWS)
+    start = time.monotonic()
+    done = _run_job("--model", tiny_model_dir, "--input", source, "--output", str(tmp_path / "o.jsonl"), "--num-actors", "64", "--num-cpus-per-actor", "1")
+    assert done.returncode == 2 and time.monotonic() - start < 60
+    [error] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith("error: 64 actors x 1 CPU = 64 CPU, plus 1 CPU for Ray Data to read the input, but this cluster has")
+    assert error.endswith("or fewer actors (--num-actors)") and "--num-cpus-per-actor" in error
+    assert not (tmp_path / "o.jsonl").exists()

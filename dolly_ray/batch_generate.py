@@ -19,7 +19,6 @@ import functools
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -27,9 +26,9 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from dolly_ray import data
-from dolly_ray.cli import option
-from dolly_ray.data import Columns, DataError
+from dolly_ray import cluster, sources, storage
+from dolly_ray.cli import ConfigError, check_at_least, option
+from dolly_ray.sources import Columns, DataError
 
 # What each output row gains; an input column with one of these names is kept as original_<name>.
 RESULT_SCHEMA = pa.schema(
@@ -55,10 +54,6 @@ _REQUEST_SCHEMA = pa.schema(
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class BatchError(ValueError):
-    """A job that cannot start: bad arguments, a missing model or input."""
-
-
 @dataclass
 class BatchConfig:
     """One batch-generation job; the CLI flags fill it one to one."""
@@ -71,7 +66,7 @@ class BatchConfig:
     output_format: str | None = option(None, "jsonl or parquet, overriding the output's extension")
     num_actors: int = option(1, "generation actors, each holding one model")
     num_gpus_per_actor: float | None = option(None, "GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
-    num_cpus_per_actor: float = option(1.0, "CPUs per actor; fractions allowed")
+    num_cpus_per_actor: float | None = option(None, "CPUs per actor, fractions allowed (default: 1; on a local Ray started by this job, a share of the CPUs that reading the input leaves)")
     batch_size: int = option(16, "prompts per model.generate call")
     max_batch_tokens: int | None = option(None, "also cap rows x padded length per generate call (long prompts: fewer rows)")
     rows_per_call: int | None = option(None, "rows per actor call, length-sorted within it (default: 4 x batch size)")
@@ -99,7 +94,7 @@ class BatchConfig:
 
 def input_columns(spec: str | Columns) -> Columns:
     """The instruction/input columns: a schema name (alpaca, dolly) or ``instruction=A,input=B``."""
-    return data.parse_columns(spec, require_output=False)
+    return sources.parse_columns(spec, require_output=False)
 
 
 # --- reading ----------------------------------------------------------------------
@@ -113,7 +108,7 @@ def _requests(source: str, rows: list[int], records: list[Any], columns: Columns
     """
     texts, instructions, inputs, errors = [], [], [], []
     for record in records:
-        if isinstance(record, data.Unparseable):
+        if isinstance(record, sources.Unparseable):
             texts.append("{}")
             instructions.append(None)
             inputs.append(None)
@@ -121,7 +116,7 @@ def _requests(source: str, rows: list[int], records: list[Any], columns: Columns
             continue
         # ASCII JSON: a lone surrogate (from a "\ud800" escape) stays an escape, which Arrow accepts.
         texts.append(json.dumps(record if isinstance(record, dict) else {"value": record}, default=str))
-        checked = data.validate_record(record, columns)
+        checked = sources.validate_record(record, columns)
         error = f"{checked['skip_reason']}: {checked['skip_detail']}" if checked["skip_reason"] else None
         if error is None and fmt == "parquet" and (field := _field_with_lone_surrogate(record)) is not None:
             error = (
@@ -162,7 +157,7 @@ def _without_lone_surrogates(value: Any) -> Any:
 
 def read_requests(source: str, columns: Columns, output_format: str, split: str = "train"):
     """A Ray Dataset of the pipeline's rows, one per input record, in input order."""
-    return data.read_raw(source, split, functools.partial(_requests, columns=columns, fmt=output_format))
+    return sources.read_raw(source, split, functools.partial(_requests, columns=columns, fmt=output_format))
 
 
 # --- generating -------------------------------------------------------------------
@@ -299,11 +294,11 @@ class _ParquetWriter:
 def output_format(config: BatchConfig) -> str:
     if config.output_format:
         if config.output_format not in ("jsonl", "parquet"):
-            raise BatchError(f"unknown output format {config.output_format!r}; use jsonl or parquet")
+            raise ConfigError(f"unknown output format {config.output_format!r}; use jsonl or parquet")
         return config.output_format
     suffix = PurePosixPath(config.output).suffix.lower()
     if suffix not in OUTPUT_FORMATS:
-        raise BatchError(
+        raise ConfigError(
             f"cannot tell the output format from {config.output!r}; end it in .jsonl or .parquet or pass --output-format"
         )
     return OUTPUT_FORMATS[suffix]
@@ -312,66 +307,39 @@ def output_format(config: BatchConfig) -> str:
 # --- the job ----------------------------------------------------------------------
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
-def _looks_local(path: str) -> bool:
-    """A local path rather than a hub id: absolute, relative with ./, or with a file extension."""
-    return _is_local(path) and (
-        os.path.exists(path) or path.startswith(("/", ".", "~")) or not data.is_hub_id(path)
-    )
-
-
 def check(config: BatchConfig) -> Columns:
     """Fail fast, before Ray starts or a model loads anywhere, on what can be checked here."""
     columns = input_columns(config.columns)
     output_format(config)
-    if min(config.num_actors, config.batch_size, config.rows_per_call or 1) < 1:
-        raise BatchError("--num-actors, --batch-size and --rows-per-call must be at least 1")
+    check_at_least(config, 1, "num_actors", "batch_size", "rows_per_call", "max_batch_tokens")
+    check_at_least(config, 0.01, "num_cpus_per_actor")
+    check_at_least(config, 0, "num_gpus_per_actor")
     try:
         config.params().validate()
     except ValueError as e:
-        raise BatchError(str(e)) from None
-    if _looks_local(config.input) and not os.path.exists(config.input):
-        raise BatchError(f"input not found: {config.input}")
-    from dolly_ray.generation import check_model
+        raise ConfigError(str(e)) from None
+    if storage.is_local_path(config.input) and not os.path.exists(config.input):
+        raise ConfigError(f"input not found: {config.input}")
+    from dolly_ray.generation import check_loadable_model
 
     try:
-        check_model(config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, max_new_tokens=config.max_new_tokens)
+        check_loadable_model(config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, max_new_tokens=config.max_new_tokens)
     except ValueError as e:
-        raise BatchError(str(e)) from None
+        raise ConfigError(str(e)) from None
     return columns
 
 
-def _open_output(path: str):
-    from pyarrow import fs
-
-    filesystem, where = fs.FileSystem.from_uri(os.path.abspath(path) if _is_local(path) else path)
-    parent = PurePosixPath(where).parent
-    if str(parent) not in ("", "."):
-        filesystem.create_dir(str(parent), recursive=True)
-    return filesystem, where
-
-
 def run(config: BatchConfig) -> dict[str, Any]:
-    """Generate a response for every input row and write them; return the job's summary.
-
-    Joins the Ray cluster this process already uses, or ``ray.init()`` (which joins
-    RAY_ADDRESS's cluster when set, as under ``ray job submit``, else starts a local one).
-    """
-    import ray
+    """Generate a response for every input row and write them; return the job's summary."""
     import ray.data
 
     columns = check(config)
     fmt = output_format(config)
-    if not ray.is_initialized():
-        ray.init()
-    num_gpus = config.num_gpus_per_actor
-    if num_gpus is None:
-        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    cluster.init_ray()
+    num_gpus = cluster.gpus_per_actor(config.num_gpus_per_actor)
+    num_cpus = cluster.cpus_each(config.num_cpus_per_actor, config.num_actors, default=1.0)
+    cluster.check_fits(actor_request(config.num_actors, num_cpus, num_gpus))
     rows_per_call = config.rows_per_call or config.batch_size * SORT_WINDOW
-    _warn_if_no_cpu_left(config.num_actors * config.num_cpus_per_actor)
 
     context = ray.data.DataContext.get_current()
     preserve_order = context.execution_options.preserve_order
@@ -388,10 +356,11 @@ def run(config: BatchConfig) -> dict[str, Any]:
             # busy actor could have run on an idle one.
             compute=ray.data.ActorPoolStrategy(size=config.num_actors, max_tasks_in_flight_per_actor=1),
             num_gpus=num_gpus,
-            num_cpus=config.num_cpus_per_actor,
+            num_cpus=num_cpus,
             udf_modifying_row_count=False,
         )
-        return _write(dataset, config.output, fmt)
+        with cluster.log_pending("batch generation"):
+            return _write(dataset, config.output, fmt)
     finally:
         context.execution_options.preserve_order = preserve_order
 
@@ -400,7 +369,7 @@ def _write(dataset, output: str, fmt: str) -> dict[str, Any]:
     """Stream the output blocks into one file (renamed into place once complete) and count."""
     summary = {"rows": 0, "errors": 0, "stopped": 0, "truncated": 0, "prompt_tokens": 0, "generated_tokens": 0}
     first_error = None
-    filesystem, where = _open_output(output)
+    filesystem, where = storage.output_filesystem(output)
     partial = where + ".partial"
     start = time.perf_counter()
     try:
@@ -435,22 +404,19 @@ def _write(dataset, output: str, fmt: str) -> dict[str, Any]:
     return summary
 
 
-def _warn_if_no_cpu_left(actor_cpus: float) -> None:
-    """Reading and splitting the input run as one-CPU tasks: with every CPU held by an
-    actor they never start and the job waits for ever (unless the cluster autoscales)."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0)
-    if total - actor_cpus < 1:
-        print(
-            f"warning: the actors take {actor_cpus:g} of the cluster's {total:g} CPUs, leaving less than one "
-            "for reading the input; unless the cluster adds nodes the job will not progress. "
-            "Lower --num-cpus-per-actor (fractions are fine) or --num-actors.",
-            file=sys.stderr,
-            flush=True,
-        )
+def actor_request(num_actors: int, num_cpus: float, num_gpus: float) -> cluster.Request:
+    """The actors, and a CPU beside them for the read and validation tasks: with every CPU
+    held by an actor those never start and the job would wait for ever."""
+    return cluster.Request(
+        unit="actor",
+        count=num_actors,
+        count_flag="--num-actors",
+        each={"CPU": num_cpus, "GPU": num_gpus},
+        fixes={"CPU": "pass --num-cpus-per-actor {fits} or fewer actors (--num-actors)", "GPU": "pass --num-gpus-per-actor {fits} or fewer actors (--num-actors)"},
+        beside=cluster.DATA_CPUS,
+    )
 
 
 def _batches(dataset) -> Iterator[pa.Table]:
     """Output blocks in order, with a DataError raised in a worker re-raised as itself."""
-    return data.iterate(dataset, batch_size=None, batch_format="pyarrow")
+    return sources.iterate(dataset, batch_size=None, batch_format="pyarrow")

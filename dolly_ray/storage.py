@@ -1,0 +1,94 @@
+"""Where things live: local paths, object-storage URIs and Hugging Face hub ids.
+
+Jobs hand each other paths (a training run's ``hf_model`` becomes the batch job's
+``--model``), so one set of rules decides what a string names: a URI (``s3://``,
+``gs://``, any scheme pyarrow's filesystems read), a path on this machine, or a hub
+id. No Ray import: usable in a notebook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import PurePosixPath
+
+# Record files the readers take, by suffix; a name ending in one is a path, never a hub id.
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+MODEL_CACHE = os.path.join("~", ".cache", "dolly_ray", "models")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def is_uri(path: str) -> bool:
+    """``scheme://...``: object storage or another filesystem pyarrow reads."""
+    return "://" in path
+
+
+def is_local_path(path: str) -> bool:
+    """A path on this machine: it exists, or it is spelled like one (absolute, ``./``,
+    ``~``, or ending in a record-file suffix), so a missing one is reported as missing
+    rather than looked up on the hub."""
+    return not is_uri(path) and (
+        os.path.exists(path) or path.startswith(("/", ".", "~")) or PurePosixPath(path).suffix.lower() in DATA_FILE_SUFFIXES
+    )
+
+
+def is_hub_id(name: str) -> bool:
+    """``owner/name`` or ``name`` that is neither a URI nor a local path: a Hugging Face hub id."""
+    return not is_uri(name) and not is_local_path(name)
+
+
+def absolute(path: str) -> str:
+    """A URI unchanged; a local path made absolute (``~`` expanded), so workers on any node
+    and later jobs read the same place."""
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def output_filesystem(path: str):
+    """``(pyarrow filesystem, path inside it)`` for a file about to be written, its parent
+    directory created."""
+    from pyarrow import fs
+
+    filesystem, where = fs.FileSystem.from_uri(absolute(path))
+    parent = PurePosixPath(where).parent
+    if str(parent) not in ("", "."):
+        filesystem.create_dir(str(parent), recursive=True)
+    return filesystem, where
+
+
+def local_model_dir(name_or_path: str, *, weights: bool = True) -> str:
+    """A model at a URI (as training writes with such a ``--storage-path``) copied once
+    into a local cache; hub ids and local paths come back unchanged. ``weights=False``
+    copies only the small files (config, tokenizer), enough for a driver to check it.
+
+    transformers only reads local directories and the hub; this lets Serve replicas and
+    batch actors on any node load the checkpoint a training run reported.
+    """
+    if not is_uri(name_or_path):
+        return name_or_path
+    import pyarrow.fs
+
+    key = hashlib.sha256(name_or_path.encode()).hexdigest()[:16] + ("" if weights else "-config")
+    target = os.path.join(os.path.expanduser(MODEL_CACHE), key)
+    if os.path.isdir(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".fetching-")
+    try:
+        filesystem, root = pyarrow.fs.FileSystem.from_uri(name_or_path)
+        for info in filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
+            if info.type != pyarrow.fs.FileType.File or (not weights and info.path.endswith(WEIGHT_SUFFIXES)):
+                continue
+            destination = os.path.join(staging, os.path.relpath(info.path, root))
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            pyarrow.fs.copy_files(info.path, destination, source_filesystem=filesystem)
+        os.rename(staging, target)  # atomic: a half-copied model is never used
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model not found: {name_or_path}") from None
+    except OSError:
+        if not os.path.isdir(target):  # not merely another process finishing first
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,91 @@
+"""The GPU presets rehearsed on CPUs: ``a10`` (bf16, Adam offloaded to the CPU) and ``v100``
+(fp16 with dynamic loss scaling, offloaded Adam), each under ZeRO-3 on 2 workers.
+
+Each run is the job a user starts, ``jobs/train.py --preset a10 --no-use-gpu``, on a local
+Ray of its own whose processes have ``tests/cpu_fp16`` on their path: DeepSpeed's CPU
+accelerator refuses fp16 on CPUs without AVX512-FP16, and that shim lets the v100
+preset run anyway. The first run compiles DeepSpeed's CPU Adam (minutes, then cached
+under ``TORCH_EXTENSIONS_DIR``).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dolly_ray import checkpoint, tasks
+
+pytestmark = [pytest.mark.slow, pytest.mark.gpu_presets_on_cpu]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIM = os.path.join(ROOT, "tests", "cpu_fp16")
+STEPS = 8
+
+
+def _train(model, dataset, storage, name, preset, *flags) -> dict:
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": os.pathsep.join([SHIM, os.environ.get("PYTHONPATH", "")])}
+    args = [
+        "--preset", preset, "--no-use-gpu", "--model", model, "--dataset", str(dataset), "--num-workers", "2", "--batching", "pad",
+        "--max-steps", str(STEPS), "--micro-batch-size", "8", "--max-length", "128", "--learning-rate", "2e-3", "--warmup-steps", "1",
+        "--log-every", "1", "--checkpoint-every", "4", "--eval-fraction", "0.1", "--storage-path", str(storage), "--name", name, *flags,
+    ]  # fmt: skip
+    done = subprocess.run([sys.executable, "jobs/train.py", *args], capture_output=True, text=True, timeout=1800, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return tasks.write_jsonl(tasks.generate(200, seed=5), tmp_path_factory.mktemp("gpu-presets") / "tasks.jsonl")
+
+
+@pytest.mark.parametrize("preset, dtype", [("a10", torch.bfloat16), ("v100", torch.float16)])
+def test_gpu_preset_trains_resumes_exactly_and_exports_16bit(preset, dtype, tiny_model_dir, dataset, tmp_path):
+    full = _train(tiny_model_dir, dataset, tmp_path, "full", preset)
+    stopped = _train(tiny_model_dir, dataset, tmp_path, "resumed", preset, "--stop-after-steps", str(STEPS // 2))
+    resumed = _train(tiny_model_dir, dataset, tmp_path, "resumed", preset)
+    assert full["preset"] == preset and full["finished"] is True and full["steps"] == STEPS
+    assert stopped["steps"] == STEPS // 2 and stopped["finished"] is False and resumed["finished"] is True
+
+    history, resumed_history = checkpoint.read_history(full["checkpoint"]), checkpoint.read_history(resumed["checkpoint"])
+    assert history[-1]["train_loss"] < 0.92 * history[0]["train_loss"]
+    assert [row["step"] for row in resumed_history] == list(range(1, STEPS + 1))
+    for before, after in zip(history, resumed_history):
+        assert after["train_loss"] == pytest.approx(before["train_loss"], rel=1e-5), after["step"]
+        assert after["learning_rate"] == before["learning_rate"]
+        assert after.get("loss_scale") == before.get("loss_scale")  # fp16: the scaler state resumes too
+    assert ("loss_scale" in history[-1]) == (preset == "v100")
+
+    # The consolidated 16-bit export: plain transformers loads it in its training precision.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(full["hf_model"])
+    assert model.dtype == dtype
+    weights, resumed_weights = load_file(os.path.join(full["hf_model"], "model.safetensors")), load_file(os.path.join(resumed["hf_model"], "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {dtype}
+    for name, tensor in weights.items():
+        if dtype == torch.bfloat16:
+            assert torch.equal(tensor, resumed_weights[name]), name
+        else:  # a restore re-rounds fp16 weights from the fp32 masters, which CPU Adam rounds its own way: one fp16 step apart at most
+            torch.testing.assert_close(resumed_weights[name], tensor, rtol=2**-10, atol=2**-14, msg=name)
+    tokenizer = AutoTokenizer.from_pretrained(full["hf_model"])
+    output = model.generate(**tokenizer("Reverse the letters of the word.", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert output.shape[1] > 0
+
+
+def test_v100_overflow_skips_the_step_and_halves_the_loss_scale(tiny_model_dir, dataset, tmp_path):
+    # 2**40 overflows fp16 gradients at once; with hysteresis 1 every overflow halves the scale.
+    overrides = json.dumps({"fp16": {"initial_scale_power": 40, "hysteresis": 1}})
+    summary = _train(tiny_model_dir, dataset, tmp_path, "overflow", "v100", "--max-steps", "3", "--deepspeed", overrides)
+    history = checkpoint.read_history(summary["checkpoint"])
+    assert [row["skipped_steps"] for row in history] == [1, 2, 3]
+    assert [row["loss_scale"] for row in history] == [2.0**39, 2.0**38, 2.0**37]
+    # No step was applied: the exported weights are the base model's (the scheduler did not move either).
+    assert len({row["learning_rate"] for row in history}) == 1
+    exported, base = load_file(os.path.join(summary["hf_model"], "model.safetensors")), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    for name, tensor in exported.items():
+        assert torch.equal(tensor.float(), base[name].half().float()), name

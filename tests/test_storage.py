@@ -1,0 +1,43 @@
+"""Where things live: URIs, local paths and hub ids, and models copied from a URI to a node."""
+
+from pathlib import Path
+
+import pytest
+
+from dolly_ray import generation, storage
+from dolly_ray.generation import GenerationParams, InstructionGenerator
+
+
+def test_uris_local_paths_and_hub_ids():
+    assert storage.is_hub_id("tatsu-lab/alpaca") and storage.is_hub_id("databricks/databricks-dolly-15k")
+    assert not storage.is_hub_id("s3://bucket/alpaca.parquet")
+    assert not storage.is_hub_id("missing/records.jsonl")
+    assert storage.is_local_path("./model") and storage.is_local_path("/no/such/dir") and storage.is_local_path("~/runs")
+    assert not storage.is_local_path("EleutherAI/gpt-j-6B") and not storage.is_local_path("s3://bucket/hf")
+    assert storage.absolute("s3://bucket/runs") == "s3://bucket/runs" and storage.absolute("runs").startswith("/")
+
+
+def test_a_model_on_remote_storage_is_fetched_once_then_loaded(tiny_model_dir, tmp_path, monkeypatch):
+    # file:// goes through the same pyarrow filesystem copy as s3:// or gs://.
+    monkeypatch.setattr("dolly_ray.storage.MODEL_CACHE", str(tmp_path / "cache"))
+    uri = Path(tiny_model_dir).resolve().as_uri()
+    remote = InstructionGenerator.from_pretrained(uri, device="cpu")
+    local = InstructionGenerator.from_pretrained(tiny_model_dir, device="cpu")
+    params = GenerationParams(greedy=True, max_new_tokens=6)
+    assert remote.generate(["Say hi"], params) == local.generate(["Say hi"], params)
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert sorted(p.name for p in cached.iterdir()) == sorted(p.name for p in Path(tiny_model_dir).iterdir())
+    assert storage.local_model_dir(uri) == str(cached)  # no second copy
+    assert storage.local_model_dir(tiny_model_dir) == tiny_model_dir
+
+
+def test_a_driver_checks_a_remote_model_without_fetching_its_weights(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("dolly_ray.storage.MODEL_CACHE", str(tmp_path / "cache"))
+    uri = Path(tiny_model_dir).resolve().as_uri()
+    generation.check_loadable_model(uri, max_new_tokens=16)
+    (config_only,) = (tmp_path / "cache").iterdir()
+    assert (config_only / "config.json").is_file() and not list(config_only.glob("*.safetensors"))
+    with pytest.raises(ValueError, match="leaves no room for a prompt"):
+        generation.check_loadable_model(uri, max_new_tokens=100_000)
+    with pytest.raises(ValueError, match="cannot load model"):
+        generation.check_loadable_model((tmp_path / "absent").as_uri())
