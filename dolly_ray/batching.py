@@ -44,8 +44,8 @@ PACK_WINDOW_ROWS = 8192
 # metadata for throughput, taken out before the model sees the batch.
 NUM_TOKENS = "num_tokens"
 # Attention implementations that build their mask with transformers' create_causal_mask,
-# which honours restarting position_ids. GPT-J's flash_attention_2 ignores position_ids,
-# so packed records would attend to each other there.
+# which honours restarting position_ids (the packing test checks it). flash_attention_2
+# takes record boundaries from elsewhere, which nothing here verifies, so packing refuses it.
 PACKING_ATTENTION = ("eager", "sdpa", "flex_attention")
 
 

@@ -203,7 +203,9 @@ def test_train_then_batch_generate_through_ray_job_submit(local_cluster, model, 
 @pytest.mark.slow
 def test_a_failing_job_ends_failed_with_its_one_line_error(local_cluster, model, tmp_path):
     missing = tmp_path / "absent.jsonl"
-    failed = local_cluster.submit("train-bad", "python", "jobs/train.py", "--preset", "cpu", "--model", str(model), "--dataset", str(missing))
+    failed = local_cluster.submit(
+        "train-bad", "python", "jobs/train.py", "--preset", "cpu", "--model", str(model), "--dataset", str(missing), "--num-workers", "2", "--cpus-per-worker", "0.5"
+    )  # fmt: skip
     assert failed.returncode != 0
     assert local_cluster.status("train-bad") == "failed"
     error_lines = [line for line in local_cluster.logs("train-bad").splitlines() if line.startswith("error:")]
