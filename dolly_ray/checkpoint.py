@@ -16,14 +16,17 @@ import json
 import os
 from pathlib import Path
 
+from dolly_ray import storage
+
 DEEPSPEED_DIR = "deepspeed"
 HF_DIR = "hf"
 HISTORY_FILE = "history.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 
 
-def save(engine, tokenizer, directory: str | Path, *, client_state: dict, history: list[dict], with_hf_model: bool) -> None:
+def save(engine, tokenizer, directory: str | Path, *, client_state: dict, with_hf_model: bool) -> None:
     """Write this rank's part of a checkpoint into ``directory``; every rank must call it.
+    Rank 0 then adds the history (``write_history``).
 
     Both the DeepSpeed save and the 16-bit consolidation are collective operations.
     """
@@ -36,10 +39,15 @@ def save(engine, tokenizer, directory: str | Path, *, client_state: dict, histor
             hf_dir = directory / HF_DIR
             engine.module.save_pretrained(str(hf_dir), state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(str(hf_dir))
-            plot_loss_curve(history, hf_dir / LOSS_CURVE_FILE)
-    if is_rank_zero:
-        with open(directory / HISTORY_FILE, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in history)
+
+
+def write_history(directory: str | Path, history: list[dict]) -> None:
+    """The metric history, and the loss curve beside a Hugging Face model if there is one."""
+    directory = Path(directory)
+    with open(directory / HISTORY_FILE, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in history)
+    if (directory / HF_DIR).is_dir():
+        plot_loss_curve(history, directory / HF_DIR / LOSS_CURVE_FILE)
 
 
 def load(engine, directory: str | Path) -> tuple[dict, list[dict]]:
@@ -52,8 +60,8 @@ def load(engine, directory: str | Path) -> tuple[dict, list[dict]]:
 
 
 def read_history(directory: str | Path) -> list[dict]:
-    """The metric rows a checkpoint holds, one per reported step."""
-    text = (Path(directory) / HISTORY_FILE).read_text()
+    """The metric rows a checkpoint (a directory or a URI) holds, one per reported step."""
+    text = storage.read_text(storage.join(str(directory), HISTORY_FILE))
     return [json.loads(line) for line in text.splitlines() if line]
 
 

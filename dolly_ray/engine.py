@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dolly_ray import batching, deepspeed_config, prompts
+from dolly_ray import batching, deepspeed_config, prompts, storage
 from dolly_ray.train_config import StepPlan, TrainConfig
 
 
@@ -67,7 +67,7 @@ def load_model(config: TrainConfig, ds_config: dict, tokenizer, model_config=Non
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            config.model, dtype=dtype, use_safetensors=None if config.allow_pickle else True, trust_remote_code=config.trust_remote_code
+            storage.local_model_dir(config.model), dtype=dtype, use_safetensors=None if config.allow_pickle else True, trust_remote_code=config.trust_remote_code
         )
     # num_embeddings is the module's own count, valid while the weight is partitioned.
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from dolly_ray import storage
+
 INTRO_BLURB = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."
@@ -120,13 +122,15 @@ def add_special_tokens(tokenizer) -> PromptTokenIds:
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
-    """A Hugging Face tokenizer with the prompt keys added: what every stage tokenizes with.
+    """A Hugging Face tokenizer (hub id, directory, or a model's URI) with the prompt keys
+    added: what every stage tokenizes with.
 
     Adding the keys is deterministic, so data workers, training workers and generators
     that each load the same base tokenizer agree on every id.
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    local = storage.local_model_dir(name_or_path, weights=False)
+    tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
     add_special_tokens(tokenizer)
     return tokenizer

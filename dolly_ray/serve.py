@@ -20,9 +20,11 @@ import asyncio
 import collections
 import dataclasses
 import hmac
+import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -600,7 +602,10 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     check(config)  # before Ray starts
     cluster.init_ray()
     app = _application(config)
-    serve.start(http_options={"host": host, "port": port})
+    # A proxy on another node listening on that node's loopback would serve no one (and on
+    # one machine would take the head's port): on loopback only the head node proxies.
+    loopback = ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    serve.start(proxy_location="HeadOnly" if loopback else "EveryNode", http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     logger.info("serving %s at %s (OpenAI base URL %s/v1); Ctrl-C stops", config.served_name, url, url)

@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import urllib.parse
 from pathlib import PurePosixPath
 
 # Record files the readers take, by suffix; a name ending in one is a path, never a hub id.
@@ -43,6 +44,43 @@ def absolute(path: str) -> str:
     """A URI unchanged; a local path made absolute (``~`` expanded), so workers on any node
     and later jobs read the same place."""
     return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def uri_in(fs_path: str, like: str) -> str:
+    """A path inside the filesystem of ``like``, as Ray Train and pyarrow report it (the
+    scheme stripped: ``bucket/runs/x``), written as a location any job takes back: a URI
+    with ``like``'s scheme and query (``s3://bucket/runs/x``) when ``like`` is one."""
+    if not is_uri(like):
+        return fs_path
+    parts = urllib.parse.urlsplit(like)
+    return f"{parts.scheme}://{fs_path}" + (f"?{parts.query}" if parts.query else "")
+
+
+def join(location: str, *names: str) -> str:
+    """``location/name/...`` for a local path or a URI (keeping a URI's query last)."""
+    if not is_uri(location):
+        return os.path.join(location, *names)
+    parts = urllib.parse.urlsplit(location)
+    path = "/".join([parts.path.rstrip("/"), *names])
+    return urllib.parse.urlunsplit(parts._replace(path=path))
+
+
+def upload_dir(local_dir: str, location: str) -> None:
+    """Copy a local directory's files to ``location`` (a URI or local path), overwriting."""
+    from pyarrow import fs
+
+    filesystem, where = fs.FileSystem.from_uri(absolute(location))
+    filesystem.create_dir(where, recursive=True)
+    fs.copy_files(local_dir, where, destination_filesystem=filesystem)
+
+
+def read_text(location: str) -> str:
+    """A text file's contents, from a local path or a URI."""
+    from pyarrow import fs
+
+    filesystem, where = fs.FileSystem.from_uri(absolute(location))
+    with filesystem.open_input_stream(where) as stream:
+        return stream.read().decode()
 
 
 def output_filesystem(path: str):

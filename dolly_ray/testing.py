@@ -13,6 +13,7 @@ from pathlib import Path
 from dolly_ray import prompts, tasks
 
 EOS_TOKEN = "<|endoftext|>"
+REPO = Path(__file__).resolve().parent.parent  # jobs are submitted from the checkout
 
 
 def build_tokenizer(path: str | Path, vocab_size: int = 400, corpus: list[str] | None = None):
@@ -107,3 +108,211 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class S3Server:
+    """An S3-compatible server on 127.0.0.1 (moto's server mode, a real HTTP server speaking
+    the S3 protocol), reached the way users reach MinIO: through the standard AWS variables
+    in ``env``. Stop it with ``stop()``; its buckets live in its memory."""
+
+    def __init__(self):
+        import shutil
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        server = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+        self.process = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=2)
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the S3 server on {self.endpoint} did not start")
+                time.sleep(0.2)
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_DEFAULT_REGION"],
+        )
+
+    def create_bucket(self, name: str) -> str:
+        """Create ``name``; returns its ``s3://`` URI."""
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every object key in ``bucket`` under ``prefix``."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def job_summary(logs: str) -> dict:
+    """The JSON summary a job prints last, which must be a whole line of the combined log
+    with nothing after it."""
+    import json
+
+    lines = [line for line in logs.splitlines() if line.strip()]
+    assert lines[-1].startswith("{") and "\x1b" not in lines[-1], lines[-3:]
+    return json.loads(lines[-1])
+
+
+class RayCluster:
+    """A Ray cluster of hand-started nodes on 127.0.0.1, as `ray start` builds one on real
+    machines: a head (``ray start --head``) and worker nodes joined by ``add_node``.
+
+    Each node has its own Ray temp dir, temp dir for files (``TMPDIR``) and working
+    directory, so what a node keeps for itself shows up in its own folders. ``env`` (the
+    S3 variables, say) reaches every node, as a cluster's setup would set it. Jobs are
+    submitted with the ``ray job`` CLI, as users submit them. The cluster's auth token
+    lives in ``env``, as after ``ray get-auth-token``.
+    """
+
+    def __init__(self, root: Path, *, head_cpus: int, env: dict[str, str] | None = None, head_env: dict[str, str] | None = None):
+        import os
+        import secrets
+        import sys
+
+        self.root = Path(root)
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        self.env.update(
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=secrets.token_hex(16),
+            **(env or {}),
+        )
+        self.nodes: list[RayNode] = []
+        head_flags = [
+            "--head", "--port", str(self.port),
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+        ]  # fmt: skip
+        self.head = self._start("head", head_cpus, head_flags, head_env or {})
+        self._wait(lambda: self.ray_job("list").returncode == 0 and self.alive_node_ids(), self.head, "the head node did not start")
+        self.head.node_id = self.alive_node_ids()[0]
+
+    def _start(self, name: str, cpus: int, flags: list[str], extra_env: dict[str, str]) -> "RayNode":
+        import subprocess
+
+        node = RayNode(self.root / name)
+        command = [
+            "ray", "start", "--block", "--num-cpus", str(cpus), "--disable-usage-stats", *flags,
+            "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(node.ray_dir),
+        ]  # fmt: skip
+        env = {**self.env, **extra_env, "TMPDIR": str(node.tmp_dir)}
+        # --block ties the node's processes to this one: one process group per node.
+        node.process = subprocess.Popen(
+            command, env=env, cwd=node.work_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        self.nodes.append(node)
+        return node
+
+    def add_node(self, name: str, cpus: int) -> "RayNode":
+        """Join a worker node and wait until the cluster counts it."""
+        before = set(self.alive_node_ids())
+        node = self._start(name, cpus, ["--address", f"127.0.0.1:{self.port}"], {})
+        self._wait(lambda: set(self.alive_node_ids()) - before, node, f"node {name} did not join")
+        (node.node_id,) = set(self.alive_node_ids()) - before
+        return node
+
+    def _wait(self, ready, node: "RayNode", message: str, timeout: float = 180) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if node.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(message)
+            time.sleep(1)
+
+    def alive_node_ids(self) -> list[str]:
+        import json
+
+        listed = self.ray("list", "nodes", "--address", self.address, "--format", "json", "--filter", "state=ALIVE")
+        return [row["node_id"] for row in json.loads(listed.stdout)] if listed.returncode == 0 else []
+
+    def ray(self, *args: str, timeout: float = 120):
+        import subprocess
+
+        return subprocess.run(["ray", *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+    def ray_job(self, *args: str, timeout: float = 120):
+        return self.ray("job", args[0], "--address", self.address, *args[1:], timeout=timeout)
+
+    def submit(self, job_id: str, *entrypoint: str, timeout: float = 900):
+        """`ray job submit --working-dir .`, waiting for the job to end as a user's shell would."""
+        return self.ray_job("submit", "--working-dir", ".", "--submission-id", job_id, "--", *entrypoint, timeout=timeout)
+
+    def status(self, job_id: str) -> str:
+        """The job's final state as `ray job status` words it: succeeded, failed, ..."""
+        import re
+
+        result = self.ray_job("status", job_id)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)  # colours
+        return text.split(f"Job '{job_id}' ", 1)[1].split()[0]
+
+    def logs(self, job_id: str) -> str:
+        return self.ray_job("logs", job_id).stdout
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+
+
+class RayNode:
+    """One node's folders and its `ray start --block` process (the process group of the node)."""
+
+    def __init__(self, root: Path):
+        self.ray_dir, self.tmp_dir, self.work_dir = root / "ray", root / "tmp", root / "work"
+        for folder in (self.ray_dir, self.tmp_dir, self.work_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.process = None
+        self.node_id = ""  # Ray's id for the node, once it has joined
+
+    def kill(self) -> None:
+        """SIGKILL the node's raylet, its workers and everything else it started: a lost machine."""
+        import os
+        import signal
+
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def files(self, folder: str) -> list[Path]:
+        """Every file under one of the node's folders: ``tmp`` or ``work``."""
+        return [path for path in getattr(self, f"{folder}_dir").rglob("*") if path.is_file()]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import os
+import queue
 import shutil
 import tempfile
 import time
@@ -67,6 +67,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
         config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, need_weights=not config.dry_run
     )
     cluster.init_ray()
+    # Workers on other nodes, in other working directories, must write where the driver means.
+    config = dataclasses.replace(
+        config, storage_path=storage.absolute(config.storage_path), tensorboard_dir=config.tensorboard_dir and storage.absolute(config.tensorboard_dir)
+    )
     settled, memory = settle(config, model_config)
     if memory is not None:
         logger.info("memory plan: %s", memory.summary())
@@ -183,7 +187,7 @@ def make_trainer(config: TrainConfig, plan: StepPlan, train_ds, eval_ds) -> Torc
         ),
         run_config=ray.train.RunConfig(
             name=config.name,
-            storage_path=storage.absolute(config.storage_path),
+            storage_path=config.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
@@ -193,11 +197,16 @@ def make_trainer(config: TrainConfig, plan: StepPlan, train_ds, eval_ds) -> Torc
 
 
 def run_summary(result: ray.train.Result, report: data.DataReport, config: TrainConfig) -> dict[str, Any]:
+    """What the run produced and where, each location as another job takes it (a URI
+    when it lives in object storage), and its final figures."""
     metrics = result.metrics or {}
-    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    checkpoint = storage.uri_in(result.checkpoint.path, config.storage_path) if result.checkpoint else None
+    hf_model = storage.join(checkpoint, ckpt.HF_DIR) if checkpoint else None
     return {
-        "checkpoint": checkpoint_path,
-        "hf_model": os.path.join(checkpoint_path, ckpt.HF_DIR) if checkpoint_path else None,
+        "checkpoint": checkpoint,
+        "hf_model": hf_model,
+        "loss_curve": storage.join(hf_model, ckpt.LOSS_CURVE_FILE) if hf_model else None,
+        "tensorboard": storage.join(config.tensorboard_dir, config.name) if config.tensorboard_dir else None,
         "train_loss": metrics.get("train_loss"),
         "eval_loss": metrics.get("eval_loss"),
         "steps": metrics.get("step"),
@@ -208,9 +217,12 @@ def run_summary(result: ray.train.Result, report: data.DataReport, config: Train
         "gradient_checkpointing": config.gradient_checkpointing,
         "cpus_per_worker": config.cpus_per_worker,
         "tokens_per_s": metrics.get("tokens_per_s"),
+        "checkpoint_save_s": metrics.get("checkpoint_save_s"),
+        "checkpoint_upload_s": metrics.get("checkpoint_upload_s"),
         "train_records": report.train_rows,
         "eval_records": report.eval_rows,
         "skipped_records": report.skipped,
+        "worker_nodes": metrics.get("worker_nodes"),
         "param_partition_fractions": metrics.get("param_partition_fractions"),
         "samples": metrics.get("samples", []),
     }
@@ -227,7 +239,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     engine, tokenizer, preset = build_engine(config, plan, context.get_world_size())
     progress = restore(engine)
-    tensorboard = _tensorboard(config, context.get_world_rank())
+    tensorboard = TensorBoard(storage.join(config.tensorboard_dir, config.name)) if config.tensorboard_dir and context.get_world_rank() == 0 else None
     stop = stop_step(config, plan)
     window = Window()
     while engine.global_steps < stop:
@@ -245,11 +257,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics["eval_loss"] = evaluate(engine, config, plan, tokenizer.pad_token_id)
             if final:
                 metrics.update(final_metrics(engine, config, plan, tokenizer, preset))
-            progress.record(metrics, tensorboard)
             if saving:
-                save_checkpoint(engine, tokenizer, metrics, progress, with_hf_model=final or config.hf_model_every_checkpoint)
+                save_checkpoint(engine, tokenizer, metrics, progress, config, with_hf_model=final or config.hf_model_every_checkpoint)
             else:
+                progress.record(metrics)
                 report_metrics(metrics)
+            if tensorboard:
+                tensorboard.add(metrics, upload=saving)
             window = Window()
             if final:
                 break
@@ -274,13 +288,22 @@ class Progress:
 
     micro_batches_done: int = 0
     history: list[dict] = field(default_factory=list)
+    # (step, seconds) of each finished checkpoint upload, put by Ray Train's upload thread.
+    upload_seconds: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
-    def record(self, metrics: dict, tensorboard=None) -> None:
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.history.append(numbers)
-        if tensorboard:
-            for key, value in numbers.items():
-                tensorboard.add_scalar(key, value, metrics["step"])
+    def record(self, metrics: dict) -> None:
+        self.history.append(_numbers(metrics))
+
+    def add_upload_seconds(self) -> None:
+        """Put the upload times finished so far into their steps' history rows."""
+        rows = {row["step"]: row for row in self.history}
+        while not self.upload_seconds.empty():
+            step, seconds = self.upload_seconds.get()
+            rows[step]["checkpoint_upload_s"] = seconds
+
+
+def _numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def restore(engine) -> Progress:
@@ -294,12 +317,35 @@ def restore(engine) -> Progress:
     return Progress(client_state["micro_batches_done"], history)
 
 
-def _tensorboard(config: TrainConfig, rank: int):
-    if not config.tensorboard_dir or rank != 0:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
+class TensorBoard:
+    """Rank 0's TensorBoard event file. For a directory in object storage the events are
+    written locally and copied up at each checkpoint and at the end, since TensorBoard's
+    writer only appends to local files."""
 
-    return SummaryWriter(os.path.join(os.path.expanduser(config.tensorboard_dir), config.name))
+    def __init__(self, directory: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.directory = directory
+        self.local = tempfile.mkdtemp(prefix="dolly_ray_tensorboard_") if storage.is_uri(directory) else directory
+        self.writer = SummaryWriter(self.local)
+
+    def add(self, metrics: dict, *, upload: bool) -> None:
+        for key, value in _numbers(metrics).items():
+            if key != "time":  # TensorBoard keeps its own wall time
+                self.writer.add_scalar(key, value, metrics["step"])
+        if upload:
+            self.upload()
+
+    def upload(self) -> None:
+        self.writer.flush()
+        if self.local != self.directory:
+            storage.upload_dir(self.local, self.directory)
+
+    def close(self) -> None:
+        self.upload()
+        self.writer.close()
+        if self.local != self.directory:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 def micro_batches(config: TrainConfig, name: str, pad_token_id: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -349,6 +395,7 @@ class Window:
             "learning_rate": engine.get_lr()[0],
             "tokens_per_s": tokens / (time.perf_counter() - self.start),
             "skipped_steps": engine.skipped_steps,  # not applied: an overflow or a non-finite gradient
+            "time": time.time(),  # of the report: step times with whatever checkpoints cost in between
         }
         if engine.fp16_enabled():
             metrics["loss_scale"] = engine.optimizer.loss_scale
@@ -396,6 +443,7 @@ def final_metrics(engine, config: TrainConfig, plan: StepPlan, tokenizer, preset
         "finished": engine.global_steps >= plan.total_steps,
         "preset": preset,
         "param_partition_fractions": partition_fractions(engine),
+        "worker_nodes": worker_nodes(),
         "samples": samples(engine, tokenizer, config.sample_prompts),
     }
 
@@ -413,6 +461,13 @@ def samples(engine, tokenizer, sample_prompts: list[dict]) -> list[dict]:
     generator = InstructionGenerator(engine.module, tokenizer)
     results = generator.generate(sample_prompts, GenerationParams(greedy=True, max_new_tokens=64), batch_size=1)
     return [{**prompt, "response": r.response, "finish_reason": r.finish_reason} for prompt, r in zip(sample_prompts, results)]
+
+
+def worker_nodes() -> list[str]:
+    """The Ray node id of each rank, in rank order."""
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return nodes
 
 
 def partition_fractions(engine) -> list[float]:
@@ -434,18 +489,40 @@ def report_metrics(metrics: dict) -> None:
     ray.train.report(metrics)
 
 
-def save_checkpoint(engine, tokenizer, metrics: dict, progress: Progress, *, with_hf_model: bool) -> None:
-    """Write this rank's part of a checkpoint and report it with the metrics (every rank calls it)."""
+def save_checkpoint(engine, tokenizer, metrics: dict, progress: Progress, config: TrainConfig, *, with_hf_model: bool) -> None:
+    """Write this rank's part of a checkpoint and report it with the metrics (every rank
+    calls it). The seconds spent saving and uploading are reported with the metrics and
+    kept in the history (a checkpoint's own upload time reaches the history from the
+    next checkpoint on)."""
     directory = tempfile.mkdtemp(prefix="dolly_ray_ckpt_")
-    try:
-        ckpt.save(
-            engine,
-            tokenizer,
-            directory,
-            client_state={"micro_batches_done": progress.micro_batches_done},
-            history=progress.history,
-            with_hf_model=with_hf_model,
-        )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    start = time.perf_counter()
+    ckpt.save(engine, tokenizer, directory, client_state={"micro_batches_done": progress.micro_batches_done}, with_hf_model=with_hf_model)
+    metrics["checkpoint_save_s"] = round(time.perf_counter() - start, 3)
+    progress.record(metrics)
+    if engine.global_rank == 0:
+        progress.add_upload_seconds()
+        ckpt.write_history(directory, progress.history)
+    reported = dict(metrics)  # the upload thread adds its seconds to this copy
+    ray.train.report(
+        reported,
+        checkpoint=ray.train.Checkpoint.from_directory(directory),
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode[config.checkpoint_upload.upper()],
+        delete_local_checkpoint_after_upload=True,
+        checkpoint_upload_fn=_timed_upload(reported, progress.upload_seconds),
+    )
+
+
+def _timed_upload(reported: dict, upload_seconds: queue.SimpleQueue):
+    """Ray Train's own checkpoint upload, timed. Ray reports ``reported`` once the upload
+    returns (at once with sync upload; in its upload thread with async)."""
+    storage_context = ray.train.get_context().get_storage()
+
+    def upload(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+        start = time.perf_counter()
+        persisted = storage_context.persist_current_checkpoint(checkpoint, name)
+        reported["checkpoint_upload_s"] = seconds = round(time.perf_counter() - start, 3)
+        upload_seconds.put((reported["step"], seconds))
+        logger.info("step %d checkpoint: saved in %.1f s, uploaded in %.1f s", reported["step"], reported["checkpoint_save_s"], seconds)
+        return persisted
+
+    return upload

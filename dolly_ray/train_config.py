@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from dolly_ray import batching, data, deepspeed_config
-from dolly_ray.cli import check_at_least, option
+from dolly_ray.cli import ConfigError, check_at_least, option
 
 # Enough for DeepSpeed's CPU Adam on the offloaded optimizer state of one GPU's partition.
 DEFAULT_CPUS_PER_WORKER = 4.0
@@ -58,6 +58,7 @@ class TrainConfig:
     storage_path: str = option("~/ray_results", "where Ray Train keeps checkpoints: local path, NFS or s3://")
     name: str = option("dolly_ray", "run name; rerunning a name resumes it")
     num_to_keep: int = option(2, "checkpoints kept (the latest ones)")
+    checkpoint_upload: str = option("async", "async: training goes on while a checkpoint uploads to --storage-path; sync: it waits")
     max_failures: int = option(0, "worker failures to recover from by restarting at the latest checkpoint")
     tensorboard_dir: str = option("", "write TensorBoard logs here (rank 0; empty: off)")
     # Greedy generations from the trained weights, reported with the final metrics.
@@ -69,6 +70,8 @@ class TrainConfig:
         check_at_least(self, 1, "epochs", "micro_batch_size", "gradient_accumulation_steps", "num_workers", "max_length", "log_every")
         check_at_least(self, 0.01, "cpus_per_worker", "gpu_memory_gib")
         batching.check_strategy(self.batching)
+        if self.checkpoint_upload not in ("async", "sync"):
+            raise ConfigError(f"--checkpoint-upload must be async or sync, not {self.checkpoint_upload!r}")
 
     @property
     def data_config(self) -> data.DataConfig:

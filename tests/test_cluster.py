@@ -6,13 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
-import os
-import re
-import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,80 +81,16 @@ def test_auto_preset_settles_gpu_or_cpu_on_the_driver():
 # --- a real local cluster and `ray job submit` -------------------------------------
 
 
-class LocalCluster:
-    """A `ray start --head` cluster of its own (ports, temp dir, auth token)."""
-
-    def __init__(self, temp_dir: Path):
-        self.temp_dir = temp_dir
-        self.dashboard_port = testing.free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        # The submitting shell holds the cluster's token, as with `ray get-auth-token`.
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-        self.env.update(
-            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN=secrets.token_hex(16),
-        )
-        command = [
-            "ray", "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats",
-            "--port", str(testing.free_port()),
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-            "--dashboard-agent-listen-port", str(testing.free_port()),
-            "--temp-dir", str(temp_dir),
-        ]  # fmt: skip
-        # --block ties the cluster's processes to this one, so stopping it stops only this cluster.
-        self.process = subprocess.Popen(command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 180
-        while self.ray_job("list").returncode != 0:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the local Ray cluster did not start")
-            time.sleep(2)
-
-    def ray_job(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["ray", "job", *args[:1], "--address", self.address, *args[1:]],
-            env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-        )  # fmt: skip
-
-    def submit(self, job_id: str, *entrypoint: str) -> subprocess.CompletedProcess:
-        """`ray job submit --working-dir .`, waiting for the job to end as a user's shell would."""
-        return self.ray_job("submit", "--working-dir", ".", "--submission-id", job_id, "--", *entrypoint, timeout=900)
-
-    def status(self, job_id: str) -> str:
-        """The job's final state as `ray job status` words it: succeeded, failed, ..."""
-        result = self.ray_job("status", job_id)
-        text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)  # colours
-        return text.split(f"Job '{job_id}' ", 1)[1].split()[0]
-
-    def logs(self, job_id: str) -> str:
-        return self.ray_job("logs", job_id).stdout
-
-    def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-def _summary(logs: str) -> dict:
-    """The JSON summary a job prints last: a whole line of the combined log, nothing after it."""
-    lines = [line for line in logs.splitlines() if line.strip()]
-    assert lines[-1].startswith("{") and "\x1b" not in lines[-1], lines[-3:]
-    return json.loads(lines[-1])
-
-
 @pytest.fixture(scope="module")
 def local_cluster():
     # Short path: Ray's Unix socket paths live under it and have a length limit.
-    temp_dir = Path(tempfile.mkdtemp(prefix="dolly_ray_cluster_"))
-    cluster = LocalCluster(temp_dir)
+    root = Path(tempfile.mkdtemp(prefix="dr_cluster_"))
+    cluster = testing.RayCluster(root, head_cpus=2)
     try:
         yield cluster
     finally:
         cluster.stop()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +111,7 @@ def test_train_then_batch_generate_through_ray_job_submit(local_cluster, model, 
     )  # fmt: skip
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert local_cluster.status("train-ok") == "succeeded"
-    summary = _summary(local_cluster.logs("train-ok"))
+    summary = testing.job_summary(local_cluster.logs("train-ok"))
     assert summary["finished"] and summary["steps"] == 4 and summary["preset"] == "cpu"
     hf_model = Path(summary["hf_model"])
     assert hf_model.is_relative_to(tmp_path / "runs" / "submitted") and (hf_model / "model.safetensors").is_file()
@@ -197,7 +127,7 @@ def test_train_then_batch_generate_through_ray_job_submit(local_cluster, model, 
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [row["instruction"] for row in rows] == [record["instruction"] for record in records]
     assert all(row["error"] is None and isinstance(row["response"], str) for row in rows)
-    assert _summary(local_cluster.logs("batch-ok"))["rows"] == len(records)
+    assert testing.job_summary(local_cluster.logs("batch-ok"))["rows"] == len(records)
 
 
 @pytest.mark.slow

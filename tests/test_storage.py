@@ -41,3 +41,24 @@ def test_a_driver_checks_a_remote_model_without_fetching_its_weights(tiny_model_
         generation.check_loadable_model(uri, max_new_tokens=100_000)
     with pytest.raises(ValueError, match="cannot load model"):
         generation.check_loadable_model((tmp_path / "absent").as_uri())
+
+
+def test_paths_inside_a_filesystem_are_reported_as_the_uris_jobs_take_back():
+    # What Ray Train and pyarrow report for a checkpoint (the scheme stripped), back as a location.
+    assert storage.uri_in("runs/dolly/a/checkpoint_1", "s3://runs/dolly") == "s3://runs/dolly/a/checkpoint_1"
+    assert storage.uri_in("bucket/x", "gs://bucket/y?project=p") == "gs://bucket/x?project=p"
+    assert storage.uri_in("/tmp/runs/a", "file:///tmp/runs") == "file:///tmp/runs/a"
+    assert storage.uri_in("/home/me/runs/a", "/home/me/runs") == "/home/me/runs/a"
+    assert storage.join("s3://runs/dolly/a", "hf") == "s3://runs/dolly/a/hf"
+    assert storage.join("gs://b/tb/?project=p", "run") == "gs://b/tb/run?project=p"
+    assert storage.join("/tmp/tb", "run", "x") == "/tmp/tb/run/x"
+
+
+def test_a_directory_uploads_to_a_uri_and_reads_back(tmp_path):
+    (tmp_path / "events").mkdir()
+    (tmp_path / "events" / "a.txt").write_text("first")
+    target = (tmp_path / "remote" / "tb").as_uri()
+    storage.upload_dir(str(tmp_path / "events"), target)
+    (tmp_path / "events" / "a.txt").write_text("second")  # a later upload overwrites
+    storage.upload_dir(str(tmp_path / "events"), target)
+    assert storage.read_text(storage.join(target, "a.txt")) == "second"
