@@ -5,8 +5,9 @@ Layout of one Ray Train checkpoint directory::
     deepspeed/   sharded ZeRO-3 state from every rank: exact resume (model, optimizer,
                  LR schedule, step counter, data position in ``client_state``)
     hf/          consolidated Hugging Face model (safetensors) + tokenizer with the
-                 prompt keys + loss curve: what serving and batch generation load,
-                 with plain ``transformers`` and no dolly_ray import
+                 prompt keys and the Dolly prompt as its chat template + a generation
+                 config that stops at ``### End`` + loss curve: what serving and batch
+                 generation load, with plain ``transformers`` and no dolly_ray import
     history.jsonl  every metric reported so far (rank 0), so a resumed run keeps its curve
 """
 
@@ -16,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from dolly_ray import storage
+from dolly_ray import generation, prompts, storage
 
 DEEPSPEED_DIR = "deepspeed"
 HF_DIR = "hf"
@@ -37,7 +38,9 @@ def save(engine, tokenizer, directory: str | Path, *, client_state: dict, with_h
         state_dict = engine._zero3_consolidated_16bit_state_dict()  # also what HF Trainer uses
         if is_rank_zero:
             hf_dir = directory / HF_DIR
+            engine.module.generation_config.update(**generation.exported_generation_settings(tokenizer))
             engine.module.save_pretrained(str(hf_dir), state_dict=state_dict, safe_serialization=True)
+            tokenizer.chat_template = prompts.CHAT_TEMPLATE
             tokenizer.save_pretrained(str(hf_dir))
 
 

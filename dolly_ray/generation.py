@@ -47,6 +47,22 @@ class GenerationParams:
                 raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
+def exported_generation_settings(tokenizer, params: GenerationParams = GenerationParams()) -> dict:
+    """What an exported model's ``generation_config.json`` holds: stop at ``### End`` (or
+    eos), pad with the tokenizer's pad, and sample with ``params`` (Dolly's defaults), so
+    a plain ``model.generate(**inputs)`` answers as this project's generator does."""
+    end = tokenizer.convert_tokens_to_ids(prompts.END_KEY)
+    return {
+        "eos_token_id": [end] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, end) else []),
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_new_tokens": params.max_new_tokens,
+        "do_sample": not params.greedy,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+    }
+
+
 @dataclass
 class GenerationResult:
     response: str

@@ -27,6 +27,27 @@ SPECIAL_TOKENS = (END_KEY, INSTRUCTION_KEY, RESPONSE_KEY)
 _INPUT_BLOCK = "{input_key}\n{input}\n\n"
 _PROMPT = "{intro}\n\n{instruction_key}\n{instruction}\n\n{input_block}{response_key}\n"
 
+# The same prompt as a Jinja chat template, saved with every exported tokenizer so that
+# `apply_chat_template`, vLLM and OpenAI-compatible servers prompt the model as it was
+# trained: the last user message is the instruction; a system message, or an `input`
+# passed to the template, is the Input block. Newlines sit inside string literals, since
+# transformers renders with trim_blocks.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(instruction='', input='', response=none) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.input = message['content'] -%}"
+    "{%- elif message['role'] == 'user' -%}{%- set ns.instruction = message['content'] -%}{%- set ns.response = none -%}"
+    "{%- elif message['role'] == 'assistant' -%}{%- set ns.response = message['content'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if input is defined and input is not none -%}{%- set ns.input = input -%}{%- endif -%}"
+    "{{ '" + INTRO_BLURB + "\\n\\n" + INSTRUCTION_KEY + "\\n' + ns.instruction + '\\n\\n' }}"
+    "{%- if ns.input | trim -%}{{ '" + INPUT_KEY + "\\n' + ns.input + '\\n\\n' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '" + RESPONSE_KEY + "\\n' }}"
+    "{%- elif ns.response is not none -%}{{ '" + RESPONSE_KEY + "\\n' + ns.response + '\\n\\n" + END_KEY + "' }}"
+    "{%- endif -%}"
+)
+
 # Used when the special tokens were lost from the output (e.g. decoded with
 # skip_special_tokens): still return the text between the keys.
 _RESPONSE_BETWEEN_KEYS = re.compile(r"#+\s*Response:\s*(.+?)#+\s*End", re.DOTALL)

@@ -446,19 +446,21 @@ class InstructionServer:
         @app.post("/v1/chat/completions")
         async def chat_completions(body: ChatRequest):
             self.require_served_name(body.model)
-            instruction, max_tokens = _chat_instruction(body)
+            prompt, max_tokens = _chat_prompt(body)
             params = self.params(max_tokens, body.temperature, body.top_p, body.seed)
             reply = _Reply("chatcmpl", "chat.completion", self.model_name, chat=True)
             if body.stream:
-                await self.check_prompt((instruction, None), params)
-                return StreamingResponse(reply.events(self.stream((instruction, None), params), body.stream_options), media_type="text/event-stream")
-            return reply.whole(await self.answer((instruction, None), params))
+                await self.check_prompt(prompt, params)
+                return StreamingResponse(reply.events(self.stream(prompt, params), body.stream_options), media_type="text/event-stream")
+            return reply.whole(await self.answer(prompt, params))
 
         return app
 
 
-def _chat_instruction(body: ChatRequest) -> tuple[str, int | None]:
-    """The instruction (the last user message) and the token limit of a chat request."""
+def _chat_prompt(body: ChatRequest) -> tuple[tuple[str, str | None], int | None]:
+    """The ``(instruction, input)`` of a chat request and its token limit, read as the
+    exported chat template reads messages: the last user message is the instruction, the
+    last system (or developer) message the Input block."""
     from fastapi import HTTPException
 
     if body.max_tokens is not None and body.max_completion_tokens is not None:
@@ -466,11 +468,16 @@ def _chat_instruction(body: ChatRequest) -> tuple[str, int | None]:
     users = [m.content for m in body.messages if m.role == "user"]
     if not users:
         raise HTTPException(400, "messages hold no user message; its content is the instruction")
+    systems = [m.content for m in body.messages if m.role in ("system", "developer")]
     try:
         instruction = _instruction(users[-1])
     except ValueError as e:
         raise HTTPException(400, f"the last user message {e}") from None
-    return instruction, body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    try:
+        input = _no_prompt_key(systems[-1]) if systems else None
+    except ValueError as e:
+        raise HTTPException(400, f"the system message {e}") from None
+    return (instruction, input), body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
 
 
 class _Reply:

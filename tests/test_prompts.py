@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from dolly_ray import prompts
+from dolly_ray import prompts, testing
 
 DOLLY_TRAINING_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n"
@@ -107,3 +107,26 @@ def test_extract_response_from_decoded_text():
 def test_prompt_keys_inside_text_are_detected():
     assert prompts.contains_prompt_key("fine text") is None
     assert prompts.contains_prompt_key("then ### End of story") == prompts.END_KEY
+
+
+def test_the_exported_chat_template_renders_the_training_prompt_byte_for_byte(tmp_path):
+    tokenizer = testing.build_tokenizer(tmp_path / "base")
+    prompts.add_special_tokens(tokenizer)
+    tokenizer.chat_template = prompts.CHAT_TEMPLATE  # as the export does
+    tokenizer.save_pretrained(str(tmp_path / "exported"))
+    assert (tmp_path / "exported" / "chat_template.jinja").is_file()
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "exported"))
+
+    def render(messages, **kwargs):
+        return exported.apply_chat_template(messages, tokenize=False, **kwargs)
+
+    cases = [("Reverse the letters of the word.", "ray"), ("Name a primary color.", None), ("Two\nlines", "  \n"), ("Quote 'this'", "{{ not jinja }}\n")]
+    for instruction, input in cases:
+        prompt = prompts.format_prompt(instruction, input)
+        user = {"role": "user", "content": instruction}
+        system = [{"role": "system", "content": input}] if input is not None else []
+        assert render(system + [user], add_generation_prompt=True) == prompt
+        assert render([user], add_generation_prompt=True, input=input) == prompt
+        # Earlier turns do not leak in: the last user message is the instruction.
+        assert render(system + [{"role": "user", "content": "old"}, {"role": "assistant", "content": "x"}, user], add_generation_prompt=True) == prompt
+        assert render(system + [user, {"role": "assistant", "content": "yar"}]) == prompts.format_training_text(instruction, "yar", input)

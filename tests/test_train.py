@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from dolly_ray import checkpoint, demo, prompts, tasks, testing, train
 
@@ -40,31 +41,37 @@ def test_hf_checkpoint_reloads_with_plain_transformers(demo_run, tmp_path):
     hf_model = demo_run["hf_model"]
     files = os.listdir(hf_model)
     assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
-    assert checkpoint.LOSS_CURVE_FILE in files
+    assert checkpoint.LOSS_CURVE_FILE in files and "chat_template.jinja" in files
+    with open(os.path.join(hf_model, "generation_config.json")) as f:
+        generation_config = json.load(f)
+    tokenizer = AutoTokenizer.from_pretrained(hf_model)
+    assert generation_config["eos_token_id"] == [tokenizer.convert_tokens_to_ids(prompts.END_KEY), tokenizer.eos_token_id]
+    assert generation_config["pad_token_id"] == tokenizer.pad_token_id
     samples = demo_run["samples"]
     assert samples and all(s["finish_reason"] == "stop" for s in samples)
     # A fresh interpreter that imports only transformers reproduces the greedy answers
-    # the trained weights gave inside the training run.
+    # the trained weights gave inside the training run: the chat template writes the
+    # Dolly prompt and the saved generation config stops at ### End. The sampling
+    # defaults saved (Dolly's top_p 0.92) keep only the top token of a model this sure.
     script = """
-import json, sys
+import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model_dir, prompts = sys.argv[1], json.loads(sys.argv[2])
+model_dir, samples = sys.argv[1], json.loads(sys.argv[2])
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir)
 end_id = tokenizer.convert_tokens_to_ids("### End")
+torch.manual_seed(0)
 answers = []
-for prompt in prompts:
-    ids = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=64, do_sample=False, eos_token_id=end_id, pad_token_id=tokenizer.pad_token_id)
-    new = out[0, ids["input_ids"].shape[1]:].tolist()
-    answers.append(tokenizer.decode(new[: new.index(end_id)] if end_id in new else new).strip())
+for sample in samples:
+    system = [{"role": "system", "content": sample["input"]}] if sample["input"] else []
+    inputs = tokenizer.apply_chat_template(system + [{"role": "user", "content": sample["instruction"]}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    new = model.generate(**inputs)[0, inputs["input_ids"].shape[1]:].tolist()
+    answers.append({"response": tokenizer.decode(new, skip_special_tokens=True).strip(), "stopped": new[-1] == end_id})
 print(json.dumps(answers))
 """
-    prompt_texts = [prompts.format_prompt(s["instruction"], s["input"]) for s in samples]
-    result = subprocess.run(
-        [sys.executable, "-c", script, hf_model, json.dumps(prompt_texts)], capture_output=True, text=True, timeout=300, check=True
-    )
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == [s["response"] for s in samples]
+    result = subprocess.run([sys.executable, "-c", script, hf_model, json.dumps(samples)], capture_output=True, text=True, timeout=300, check=True)
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answers == [{"response": s["response"], "stopped": True} for s in samples]
 
 
 def _resume_config(model_dir, dataset, storage, name, **overrides):
