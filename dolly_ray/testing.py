@@ -309,8 +309,8 @@ class RayNode:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # a test cluster need not wait for a tidy exit
             self.kill()
 
     def files(self, folder: str) -> list[Path]:

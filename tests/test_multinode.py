@@ -46,6 +46,8 @@ def s3(tmp_path_factory):
         records = tasks.generate(240, seed=11)
         tasks.write_jsonl(records, local / "train.jsonl")
         server.client().upload_file(str(local / "train.jsonl"), BUCKET, "data/train.jsonl")
+        pq.write_table(pa.Table.from_pylist(records), local / "train.parquet")  # the same records
+        server.client().upload_file(str(local / "train.parquet"), BUCKET, "data/train.parquet")
         questions = [{"id": i, "instruction": r["instruction"], "input": r["input"]} for i, r in enumerate(tasks.generate(12, seed=12))]
         pq.write_table(pa.Table.from_pylist(questions), local / "questions.parquet")
         server.client().upload_file(str(local / "questions.parquet"), BUCKET, "data/questions.parquet")
@@ -73,11 +75,11 @@ def cluster(s3):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _train(cluster, job_id: str, name: str, *flags: str) -> dict:
+def _train(cluster, job_id: str, name: str, *flags: str, data: str = "train.jsonl") -> dict:
     result = cluster.submit(
         job_id,
         "python", "jobs/train.py", "--preset", "cpu",
-        "--model", f"s3://{BUCKET}/base-model", "--dataset", f"s3://{BUCKET}/data/train.jsonl",
+        "--model", f"s3://{BUCKET}/base-model", "--dataset", f"s3://{BUCKET}/data/{data}",
         "--num-workers", "2", "--cpus-per-worker", "2", "--max-steps", str(STEPS), "--micro-batch-size", "2",
         "--learning-rate", "2e-3", "--warmup-steps", "3", "--log-every", "1", "--checkpoint-every", "2",
         "--max-length", "128", "--eval-fraction", "0.1",
@@ -167,14 +169,16 @@ class NodeKiller(threading.Thread):
 
 
 def test_a_lost_node_costs_only_time_and_a_stopped_run_resumes_from_the_bucket(cluster, s3, clean_run):
-    stopped = _train(cluster, "train-stop", "lossy", "--stop-after-steps", "4")
+    """Read from Parquet, the same records as the clean run's JSONL: the same rows in the
+    same order, so every step must match the clean run."""
+    stopped = _train(cluster, "train-stop", "lossy", "--stop-after-steps", "4", data="train.parquet")
     assert stopped["steps"] == 4 and stopped["finished"] is False
 
     head, node2 = cluster.nodes[:2]
     killer = NodeKiller(cluster, s3, "lossy", node2, at_step=6)
     killer.start()
     try:
-        resumed = _train(cluster, "train-resume", "lossy", "--max-failures", "1")
+        resumed = _train(cluster, "train-resume", "lossy", "--max-failures", "1", data="train.parquet")
         finished_at = time.monotonic()
     finally:
         killer.done.set()
