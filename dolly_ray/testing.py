@@ -1,13 +1,25 @@
-"""Tiny local stand-ins for GPT-J and its tokenizer, for tests, benchmarks and the demo.
+"""Tiny local stand-ins for tests, benchmarks and the demo: GPT-J and its tokenizer, an
+S3-compatible server, and Ray clusters of hand-started nodes.
 
-Both are written with ``save_pretrained`` so every code path loads them with
-``from_pretrained(path)`` exactly as it would load ``EleutherAI/gpt-j-6B``; nothing
-here touches the network.
+The model and tokenizer are written with ``save_pretrained`` so every code path loads
+them with ``from_pretrained(path)`` exactly as it would load ``EleutherAI/gpt-j-6B``;
+nothing here touches the network.
 """
 
 from __future__ import annotations
 
 import collections
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from dolly_ray import prompts, tasks
@@ -103,8 +115,6 @@ def cpu_train_config(model: str | Path, dataset: str | Path, storage_path: str |
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -116,12 +126,6 @@ class S3Server:
     in ``env``. Stop it with ``stop()``; its buckets live in its memory."""
 
     def __init__(self):
-        import shutil
-        import subprocess
-        import sys
-        import time
-        import urllib.request
-
         port = free_port()
         self.endpoint = f"http://127.0.0.1:{port}"
         server = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
@@ -172,8 +176,6 @@ class S3Server:
 def job_summary(logs: str) -> dict:
     """The JSON summary a job prints last, which must be a whole line of the combined log
     with nothing after it."""
-    import json
-
     lines = [line for line in logs.splitlines() if line.strip()]
     assert lines[-1].startswith("{") and "\x1b" not in lines[-1], lines[-3:]
     return json.loads(lines[-1])
@@ -191,10 +193,6 @@ class RayCluster:
     """
 
     def __init__(self, root: Path, *, head_cpus: int, env: dict[str, str] | None = None, head_env: dict[str, str] | None = None):
-        import os
-        import secrets
-        import sys
-
         self.root = Path(root)
         self.port = free_port()
         self.dashboard_port = free_port()
@@ -216,8 +214,6 @@ class RayCluster:
         self.head.node_id = self.alive_node_ids()[0]
 
     def _start(self, name: str, cpus: int, flags: list[str], extra_env: dict[str, str]) -> "RayNode":
-        import subprocess
-
         node = RayNode(self.root / name)
         command = [
             "ray", "start", "--block", "--num-cpus", str(cpus), "--disable-usage-stats", *flags,
@@ -240,8 +236,6 @@ class RayCluster:
         return node
 
     def _wait(self, ready, node: "RayNode", message: str, timeout: float = 180) -> None:
-        import time
-
         deadline = time.monotonic() + timeout
         while not ready():
             if node.process.poll() is not None or time.monotonic() > deadline:
@@ -249,14 +243,10 @@ class RayCluster:
             time.sleep(1)
 
     def alive_node_ids(self) -> list[str]:
-        import json
-
         listed = self.ray("list", "nodes", "--address", self.address, "--format", "json", "--filter", "state=ALIVE")
         return [row["node_id"] for row in json.loads(listed.stdout)] if listed.returncode == 0 else []
 
     def ray(self, *args: str, timeout: float = 120):
-        import subprocess
-
         return subprocess.run(["ray", *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
     def ray_job(self, *args: str, timeout: float = 120):
@@ -268,8 +258,6 @@ class RayCluster:
 
     def status(self, job_id: str) -> str:
         """The job's final state as `ray job status` words it: succeeded, failed, ..."""
-        import re
-
         result = self.ray_job("status", job_id)
         text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)  # colours
         return text.split(f"Job '{job_id}' ", 1)[1].split()[0]
@@ -294,17 +282,10 @@ class RayNode:
 
     def kill(self) -> None:
         """SIGKILL the node's raylet, its workers and everything else it started: a lost machine."""
-        import os
-        import signal
-
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
 
     def stop(self) -> None:
-        import os
-        import signal
-        import subprocess
-
         if self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
