@@ -2,7 +2,8 @@
 
 Same model, same prompts, greedy decoding. (a) is Dolly's README ``generate_response``:
 tokenize one prompt, ``model.generate``, decode. (b) is ``InstructionGenerator.generate``
-over all prompts at once (left padding, length-sorted micro-batches). (c) is
+over all prompts at once (left padding, length-sorted micro-batches). (d) is Serve's
+engine, ``ContinuousBatcher``, with every prompt submitted at once. (c) is
 ``dolly_ray.batch_generate.run`` with two actors, timed from the first block to the last row
 written, so it includes starting the actors and loading the model in each.
 
@@ -23,6 +24,7 @@ slow (a)'s many tiny steps far more than (b), flattering the ratio).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import tempfile
@@ -31,6 +33,7 @@ import time
 import torch
 
 from dolly_ray import batch_generate, prompts, testing
+from dolly_ray.continuous_batching import ContinuousBatcher
 from dolly_ray.generation import GenerationParams, InstructionGenerator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,6 +147,21 @@ def main() -> None:
         if mismatches:
             i = mismatches[0]
             print(f"first mismatch, prompt {i}: naive={out_a[i][0]!r} batched={out_b[i].response!r}", flush=True)
+
+        engine = ContinuousBatcher(generator, max_requests_per_batch=args.batch_size)
+
+        async def all_at_once():
+            return await asyncio.gather(*(engine.answer(i, params) for i in instructions))
+
+        seconds_d, out_d = best_of(args.repeats, lambda: asyncio.run(all_at_once()))
+        engine.stop()
+        tokens_d = sum(r.num_generated_tokens for r in out_d)
+        result.update(
+            continuous_tokens_per_s=round(tokens_d / seconds_d, 1),
+            ratio_d_over_a=round((tokens_d / seconds_d) / (tokens_a / seconds_a), 2),
+            text_mismatches_d_vs_b=sum(d.response != b.response for d, b in zip(out_d, out_b)),
+        )
+        print(f"(d) continuous batching: {tokens_d} tokens in {seconds_d:.2f}s; {result['text_mismatches_d_vs_b']} text mismatches vs (b)", flush=True)
 
         if not args.skip_ray:
             import ray

@@ -38,7 +38,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
         shown = "required" if default is dataclasses.MISSING else f"default: {json.dumps(default)}"
         help_text = f"{f.metadata.get('help', '')} ({shown})"
         flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))  # str(float | None) is 'float | None'
         kind = kind.removesuffix(" | None")  # optional values: the flag is simply not given
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import glob
 import os
-import queue
-import threading
-from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 
@@ -246,7 +243,7 @@ class InstructionGenerator:
         params = params or GenerationParams()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        encoded, truncated = self._prepare(requests, params)
+        encoded, truncated = self.prepare(requests, params)
 
         batches = length_sorted_batches([len(ids) + params.max_new_tokens for ids in encoded], batch_size, max_batch_tokens)
         results: list[GenerationResult | None] = [None] * len(encoded)
@@ -255,56 +252,12 @@ class InstructionGenerator:
         try:
             for chunk in batches:
                 for i, new_ids in zip(chunk, self._generate_batch([encoded[i] for i in chunk], params)):
-                    results[i] = self._result(new_ids, len(encoded[i]), truncated[i])
+                    results[i] = self.result(new_ids, len(encoded[i]), truncated[i])
         finally:
             self.model.train(was_training)
         return results  # type: ignore[return-value]
 
-    def stream(self, request: Request, params: GenerationParams | None = None) -> Iterator[str | GenerationResult]:
-        """Generate one response as it is decoded: text pieces, then its GenerationResult.
-
-        The pieces join to exactly ``result.response``. Text that the final clean-up could
-        still change is held back until it settles: surrounding whitespace, anything from a
-        ``#`` (it may begin an ``### End`` spelled in ordinary tokens) and a character whose
-        bytes have not all arrived. Closing the iterator early stops generation at the next
-        token. The model runs on a helper thread, so the pieces can be sent as they come.
-        """
-        params = params or GenerationParams()
-        [ids], [truncated] = self._prepare([request], params)
-        tokens = _TokenQueue()
-        future: Future = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(self._generate_batch([ids], params, streamer=tokens, stopping_criteria=[tokens]))
-            except BaseException as e:  # handed to the reader by future.result()
-                future.set_exception(e)
-            finally:
-                tokens.end()
-
-        was_training = self.model.training
-        self.model.eval()
-        thread = threading.Thread(target=run, name="InstructionGenerator.stream", daemon=True)
-        thread.start()
-        try:
-            new_ids: list[int] = []
-            sent = ""
-            while (step := tokens.queue.get()) is not None:
-                new_ids += step
-                settled = self._settled_text(new_ids)
-                if len(settled) > len(sent):
-                    yield settled[len(sent) :]
-                    sent = settled
-            result = self._result(future.result()[0], len(ids), truncated)
-            if len(result.response) > len(sent):
-                yield result.response[len(sent) :]
-            yield result
-        finally:
-            tokens.stopped.set()
-            thread.join()
-            self.model.train(was_training)
-
-    def _prepare(self, requests: Sequence[Request], params: GenerationParams) -> tuple[list[list[int]], list[bool]]:
+    def prepare(self, requests: Sequence[Request], params: GenerationParams) -> tuple[list[list[int]], list[bool]]:
         """Each prompt's token ids, cut to fit beside ``max_new_tokens``, and whether it was cut."""
         params.validate()
         budget = self.prompt_budget(params.max_new_tokens)
@@ -321,8 +274,12 @@ class InstructionGenerator:
         texts = [prompts.format_prompt(*_as_request(r)) for r in requests]
         return self.tokenizer(texts)["input_ids"] if texts else []
 
-    def _settled_text(self, new_ids: list[int]) -> str:
-        """The start of the response that no later token can change (see ``stream``)."""
+    def settled_text(self, new_ids: list[int]) -> str:
+        """The start of the response that no later token can change, for streaming: text
+        the final clean-up could still change is held back until it settles (surrounding
+        whitespace, anything from a ``#``, which may begin an ``### End`` spelled in
+        ordinary tokens, and a character whose bytes have not all arrived). The settled
+        texts of a growing sequence are prefixes of its final ``result(...).response``."""
         if self.ids.end in new_ids:
             new_ids = new_ids[: new_ids.index(self.ids.end)]
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
@@ -345,7 +302,7 @@ class InstructionGenerator:
         )
 
     @torch.inference_mode()
-    def _generate_batch(self, batch: list[list[int]], params: GenerationParams, **generate_kwargs) -> list[list[int]]:
+    def _generate_batch(self, batch: list[list[int]], params: GenerationParams) -> list[list[int]]:
         """The new token ids for each prompt of one micro-batch, left-padded to one length."""
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), self.ids.pad, dtype=torch.long)
@@ -357,11 +314,10 @@ class InstructionGenerator:
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             generation_config=self.generation_config(params),
-            **generate_kwargs,
         )
         return output[:, width:].tolist()
 
-    def _result(self, new_ids: list[int], num_prompt_tokens: int, truncated: bool) -> GenerationResult:
+    def result(self, new_ids: list[int], num_prompt_tokens: int, truncated: bool) -> GenerationResult:
         """Cut the response out of one sequence's new tokens.
 
         The prompt ends with the response key, so the response starts at the first new
@@ -375,26 +331,3 @@ class InstructionGenerator:
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         response = prompts.extract_response(f"{prompts.RESPONSE_KEY}\n{text}") or ""
         return GenerationResult(response, "length", num_prompt_tokens, len(new_ids), truncated)
-
-
-class _TokenQueue:
-    """What ``stream`` hands to ``model.generate``: a streamer that queues each step's new
-    tokens for the reader, and a stopping criterion that ends generation once the reader
-    has gone away."""
-
-    def __init__(self):
-        self.queue: queue.Queue[list[int] | None] = queue.Queue()
-        self.stopped = threading.Event()
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() puts the prompt first
-            self._prompt_seen = True
-            return
-        self.queue.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.stopped.is_set(), dtype=torch.bool, device=input_ids.device)

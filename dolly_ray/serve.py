@@ -1,50 +1,42 @@
 """Ray Serve application: a checkpoint answers instructions over HTTP.
 
-One ``InstructionServer`` replica holds one ``InstructionGenerator`` (the same class the
-batch job uses) behind a FastAPI app:
+One ``InstructionServer`` replica holds one model in a ``ContinuousBatcher`` (requests
+join the running batch as they arrive; prompts, stops and the response cut are
+``InstructionGenerator``'s, as in the batch job) behind the OpenAI-compatible routes of
+``openai_api``:
 
 - ``POST /generate``: ``{instruction, input?, max_new_tokens?, temperature?, top_p?, seed?}``
   -> ``{response, finish_reason, usage}``;
 - ``POST /v1/completions`` (the prompt is the instruction) and ``POST /v1/chat/completions``
-  (the last user message is the instruction), OpenAI-compatible, with ``stream: true`` as
-  server-sent events; ``GET /v1/models``; ``GET /v1/stats`` (this replica's batch sizes);
+  (messages read as the exported chat template reads them), with ``stream: true`` as
+  server-sent events; ``GET /v1/models``; ``GET /v1/stats`` (this replica's counters);
   ``GET /healthz``.
 
-Non-streaming requests meet in ``@serve.batch``: requests with identical decoding
-parameters share one ``generate`` call. A stream runs alone, token by token. Every
-request is checked before it reaches the model; a bad one gets a 4xx with an
+Every request is checked before it reaches the model; a bad one gets a 4xx with an
 OpenAI-style ``{"error": {...}}`` body, never a 500.
 """
 
-import asyncio
-import collections
 import dataclasses
-import hmac
 import ipaddress
-import json
 import logging
 import os
 import socket
-import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from ray import serve
 
-from dolly_ray import cluster, prompts
+from dolly_ray import cluster, openai_api
 from dolly_ray.cli import ConfigError, check_at_least, option
 from dolly_ray.generation import GenerationParams, GenerationResult, Request, check_loadable_model
+from dolly_ray.openai_api import ChatRequest, CompletionRequest, GenerateRequest
 
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "DOLLY_RAY_API_KEY"
 APP_NAME = "dolly_ray"
-HEALTH_PATH = "/healthz"
-MIN_TEMPERATURE = 0.01  # the smallest non-zero sampling temperature accepted
 
 
 @dataclass
@@ -57,8 +49,8 @@ class ServeConfig:
     autoscaling: dict = option({}, "Ray Serve autoscaling_config, e.g. {\"min_replicas\": 1, \"max_replicas\": 4}; replaces num_replicas")
     num_cpus_per_replica: float = option(1.0, "CPUs reserved per replica (fractions allowed)")
     num_gpus_per_replica: float = option(None, "GPUs per replica; null: 1 when the cluster has GPUs, else 0")
-    max_batch_size: int = option(16, "most requests one dynamic batch holds (1 turns batching off)")
-    batch_wait_timeout_s: float = option(0.02, "longest a request waits for others to join its batch")
+    max_batch_size: int = option(16, "most requests decoded together in the running batch; later ones wait for a place")
+    kv_cache_gib: float | None = option(None, "KV-cache memory per replica; null: most of the free GPU memory, or 1 GiB on CPU")
     max_ongoing_requests: int = option(None, "requests a replica holds at once, queued or running; null: 2 x max batch size")
     max_new_tokens: int = option(256, "response length when a request does not say")
     max_new_tokens_limit: int = option(1024, "the most new tokens a request may ask for")
@@ -73,274 +65,37 @@ class ServeConfig:
         return self.model_name or default_model_name(self.model)
 
 
-# --- requests -----------------------------------------------------------------------
-
-
-def _unicode(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (it holds an unpaired surrogate)") from None
-    return text
-
-
-def _instruction(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must not be empty")
-    return _no_prompt_key(text)
-
-
-def _temperature(value: float) -> float:
-    # Below this, logits / temperature can overflow to inf and break sampling.
-    if 0 < value < MIN_TEMPERATURE:
-        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
-    return value
-
-
-def _no_prompt_key(text: str) -> str:
-    key = prompts.contains_prompt_key(text)
-    if key:
-        raise ValueError(f"must not contain the prompt key {key!r}")
-    return text
-
-
-Text = Annotated[str, AfterValidator(_unicode)]
-InstructionText = Annotated[Text, AfterValidator(_instruction)]
-InputText = Annotated[Text, AfterValidator(_no_prompt_key)]
-MaxTokens = Annotated[int, Field(ge=1)]
-Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False, description="0: greedy"), AfterValidator(_temperature)]
-TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
-
-
-class _Body(BaseModel):
-    """Strict: a number sent as text or a misspelt field is an error, not a guess."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-
-class GenerateRequest(_Body):
-    instruction: InstructionText
-    input: InputText | None = None
-    max_new_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    seed: Seed | None = None
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _OpenAIBody(_Body):
-    """The OpenAI fields this server honours; others (stop, logprobs, ...) are refused by name."""
-
-    model: str | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    seed: Seed | None = None
-    n: Literal[1] = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-
-
-class CompletionRequest(_OpenAIBody):
-    prompt: InstructionText
-    max_tokens: MaxTokens | None = None
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text
-    name: str | None = None
-
-
-class ChatRequest(_OpenAIBody):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: MaxTokens | None = None
-    max_completion_tokens: MaxTokens | None = None
-
-
-# --- errors -------------------------------------------------------------------------
-
-_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error"}
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None):
-    """OpenAI's error shape, which its clients turn into typed exceptions."""
-    from fastapi.responses import JSONResponse
-
-    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _validation_message(errors) -> str:
-    """``field.path: what is wrong`` per error, without echoing the (maybe huge) input."""
-    parts = []
-    for error in errors[:10]:
-        where = ".".join(str(part)[:80] for part in error.get("loc", ()) if part != "body") or "body"
-        detail = error.get("msg", "invalid")
-        if error.get("type") == "json_invalid":
-            where, detail = "body", f"invalid JSON at character {where}: {error.get('ctx', {}).get('error', '')}"
-        elif where == "body" and isinstance(error.get("input"), bytes):  # not read as JSON: its content type says otherwise
-            detail = "must be a JSON object sent with Content-Type: application/json"
-        parts.append(f"{where}: {detail}")
-    return "; ".join(parts)
-
-
-def _add_error_handlers(app) -> None:
-    from fastapi.exceptions import RequestValidationError
-    from pydantic import ValidationError
-    from starlette.exceptions import HTTPException
-
-    async def http_error(request, exc: HTTPException):
-        return error_response(exc.status_code, str(exc.detail), exc.headers)  # e.g. Allow on a 405
-
-    async def invalid(request, exc: RequestValidationError | ValidationError):
-        return error_response(422, _validation_message(exc.errors()))
-
-    async def unexpected(request, exc: Exception):
-        logger.exception("request %s %s failed", request.method, request.url.path)
-        return error_response(500, f"internal error: {type(exc).__name__}")
-
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, invalid)
-    app.add_exception_handler(ValidationError, invalid)
-    app.add_exception_handler(Exception, unexpected)
-
-
-class _Gate:
-    """ASGI middleware, in front of everything: a missing or wrong API key gets 401 (on
-    every path but the health check) before the body is read, and a body over the size
-    limit gets 413, whether its length was declared or it arrives in chunks."""
-
-    def __init__(self, app, max_bytes: int, key: str):
-        self.app, self.max_bytes, self.key = app, max_bytes, key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        from starlette.exceptions import HTTPException
-
-        headers = dict(scope["headers"])
-        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-        if self.key and _route_path(scope) != HEALTH_PATH and (scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key)):
-            response = error_response(401, "missing or wrong API key: send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})
-            return await response(scope, receive, send)
-        too_large = f"the request body is over this server's limit of {self.max_bytes} bytes"
-        length = headers.get(b"content-length", b"0")
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await error_response(413, too_large)(scope, receive, send)
-        received = 0
-
-        async def counted_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise HTTPException(413, too_large)  # FastAPI passes it to the error handlers
-            return message
-
-        await self.app(scope, counted_receive, send)
-
-
-def _route_path(scope) -> str:
-    """The path inside the application, without Serve's route prefix."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root) :] or "/" if root and path.startswith(root) else path
-
-
 # --- the deployment -----------------------------------------------------------------
-
-
-def _usage(result: GenerationResult) -> dict[str, int]:
-    return {
-        "prompt_tokens": result.num_prompt_tokens,
-        "completion_tokens": result.num_generated_tokens,
-        "total_tokens": result.num_prompt_tokens + result.num_generated_tokens,
-    }
-
-
-def _sse(payload: Any) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 @serve.deployment
 @serve.ingress()
 class InstructionServer:
-    """One replica: a loaded model, a batch queue and the HTTP routes in front of them."""
+    """One replica: a loaded model in a continuous-batching loop, and the HTTP routes in front of it."""
 
     def __init__(self, config: ServeConfig, api_key: str):
         """``api_key`` comes resolved from the driver, whose environment holds it."""
         from dolly_ray.generation import InstructionGenerator
 
         self.config, self.model_name, self.api_key = config, config.served_name, api_key
-        self.generator = InstructionGenerator.from_pretrained(
-            config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle
-        )
-        self.generate_in_dynamic_batch.set_max_batch_size(config.max_batch_size)
-        self.generate_in_dynamic_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        # One model call at a time: batches and streams take turns, so memory stays bounded
-        # and generate() never runs twice at once on one model.
-        self.model_lock = asyncio.Lock()
-        self.batch_sizes: collections.Counter[int] = collections.Counter()
-        self.streams = 0
+        generator = InstructionGenerator.from_pretrained(config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+        self.engine = self.start_engine(generator)
+        self.requests = self.streams = 0
         self.created = int(time.time())
 
-    # -- model calls --
+    def start_engine(self, generator):
+        """What answers requests: anything with ``ContinuousBatcher``'s methods (a benchmark swaps in another)."""
+        from dolly_ray.continuous_batching import ContinuousBatcher
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # both replaced from the config in __init__
-    async def generate_in_dynamic_batch(self, jobs: list[tuple[Request, GenerationParams]]) -> list[GenerationResult]:
-        """One dynamic batch: one generate() call per group of identical parameters."""
-        self.batch_sizes[len(jobs)] += 1
-        groups: dict[tuple, list[int]] = collections.defaultdict(list)
-        for i, (_, params) in enumerate(jobs):
-            groups[dataclasses.astuple(params)].append(i)
-        results: list[GenerationResult | None] = [None] * len(jobs)
-        for indices in groups.values():
-            requests, params = [jobs[i][0] for i in indices], jobs[indices[0]][1]
-            async with self.model_lock:
-                group = await asyncio.to_thread(self.generator.generate, requests, params, batch_size=len(requests))
-            for i, result in zip(indices, group):
-                results[i] = result
-        return results  # type: ignore[return-value]
+        return ContinuousBatcher(generator, max_requests_per_batch=self.config.max_batch_size, kv_cache_gib=self.config.kv_cache_gib)
 
-    async def stream(self, request: Request, params: GenerationParams) -> AsyncIterator[str | GenerationResult]:
-        """The generator's text pieces as they are decoded, then its result.
+    def check_health(self) -> None:
+        """Ray Serve restarts a replica whose generation loop has died."""
+        if not self.engine.is_running():
+            raise RuntimeError("the continuous-batching generation loop has stopped")
 
-        One thread runs the whole iteration (and closes it), so a client that goes away
-        stops generation at the next token without touching a generator that is busy.
-        """
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue = asyncio.Queue()
-        gone = threading.Event()
-
-        def produce() -> None:
-            pieces = self.generator.stream(request, params)
-            try:
-                for piece in pieces:
-                    loop.call_soon_threadsafe(items.put_nowait, piece)
-                    if gone.is_set():
-                        break
-            except Exception as e:  # re-raised on the event loop below
-                loop.call_soon_threadsafe(items.put_nowait, e)
-            finally:
-                pieces.close()
-                loop.call_soon_threadsafe(items.put_nowait, None)
-
-        async with self.model_lock:
-            self.streams += 1
-            done = loop.run_in_executor(None, produce)
-            try:
-                while (item := await items.get()) is not None:
-                    if isinstance(item, Exception):
-                        raise item
-                    yield item
-            finally:
-                gone.set()
-                await asyncio.shield(done)
+    def __del__(self):
+        self.engine.stop()
 
     # -- request checks --
 
@@ -361,23 +116,24 @@ class InstructionServer:
             seed=seed,
         )
 
-    async def check_prompt(self, request: Request, params: GenerationParams) -> None:
+    def check_prompt(self, request: Request, params: GenerationParams) -> None:
         """Refuse a prompt that does not fit the context beside the response (never cut it)."""
         from fastapi import HTTPException
 
+        generator = self.engine.generator
         try:
-            budget = self.generator.prompt_budget(params.max_new_tokens)
+            budget = generator.prompt_budget(params.max_new_tokens)
             params.validate()
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         if budget is None:
             return
-        [ids] = await asyncio.to_thread(self.generator.encode, [request])
+        [ids] = generator.encode([request])
         if len(ids) > budget:
             raise HTTPException(
                 400,
                 f"the prompt is {len(ids)} tokens; with max new tokens {params.max_new_tokens} the model's "
-                f"{self.generator.max_positions} positions leave room for {budget}",
+                f"{generator.max_positions} positions leave room for {budget}",
             )
 
     def require_served_name(self, name: str | None) -> None:
@@ -387,19 +143,31 @@ class InstructionServer:
         if name is not None and name != self.model_name:
             raise HTTPException(404, f"model {name!r} not found; this server serves {self.model_name!r}")
 
+    # -- model calls --
+
     async def answer(self, request: Request, params: GenerationParams) -> GenerationResult:
-        await self.check_prompt(request, params)
-        return await self.generate_in_dynamic_batch((request, params))
+        self.check_prompt(request, params)
+        self.requests += 1
+        return await self.engine.answer(request, params)
+
+    def stream(self, request: Request, params: GenerationParams, reply: openai_api.Reply, options: openai_api.StreamOptions | None):
+        from fastapi.responses import StreamingResponse
+
+        self.check_prompt(request, params)
+        self.requests += 1
+        self.streams += 1
+        return StreamingResponse(reply.events(self.engine.generate(request, params, stream=True), options), media_type="text/event-stream")
 
     def stats(self) -> dict[str, Any]:
-        """This replica's counters: how well dynamic batching is filling batches."""
+        """This replica's counters: how many requests shared the running batch."""
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "max_batch_size": self.config.max_batch_size,
-            "batches": sum(self.batch_sizes.values()),
-            "batched_requests": sum(size * count for size, count in self.batch_sizes.items()),
-            "batch_sizes": {str(size): count for size, count in sorted(self.batch_sizes.items())},
+            "requests": self.requests,
             "streams": self.streams,
+            "running": self.engine.running,
+            "cancelled": self.engine.cancelled,
+            "peak_shared_batch": self.engine.peak_shared(),
         }
 
     # -- HTTP --
@@ -407,15 +175,14 @@ class InstructionServer:
     def __serve_build_asgi_app__(self):
         """The FastAPI app, built per replica so its limits come from the config."""
         from fastapi import FastAPI
-        from fastapi.responses import StreamingResponse
 
         # No schema or docs pages, and no redirect from a path with a trailing slash: each
         # route has one URL, and anything else is a 404.
         app = FastAPI(title="dolly_ray", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
-        _add_error_handlers(app)
-        app.add_middleware(_Gate, max_bytes=self.config.max_request_bytes, key=self.api_key)
+        openai_api.add_error_handlers(app)
+        app.add_middleware(openai_api.Gate, max_bytes=self.config.max_request_bytes, key=self.api_key)
 
-        @app.get(HEALTH_PATH)
+        @app.get(openai_api.HEALTH_PATH)
         async def healthz():
             return {"status": "ok", "model": self.model_name}
 
@@ -431,96 +198,28 @@ class InstructionServer:
         async def generate(body: GenerateRequest):
             params = self.params(body.max_new_tokens, body.temperature, body.top_p, body.seed)
             result = await self.answer((body.instruction, body.input), params)
-            return {"response": result.response, "finish_reason": result.finish_reason, "usage": _usage(result)}
+            return {"response": result.response, "finish_reason": result.finish_reason, "usage": openai_api.usage(result)}
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest):
             self.require_served_name(body.model)
             params = self.params(body.max_tokens, body.temperature, body.top_p, body.seed)
-            reply = _Reply("cmpl", "text_completion", self.model_name, chat=False)
+            reply = openai_api.Reply("cmpl", "text_completion", self.model_name, chat=False)
             if body.stream:
-                await self.check_prompt((body.prompt, None), params)
-                return StreamingResponse(reply.events(self.stream((body.prompt, None), params), body.stream_options), media_type="text/event-stream")
+                return self.stream((body.prompt, None), params, reply, body.stream_options)
             return reply.whole(await self.answer((body.prompt, None), params))
 
         @app.post("/v1/chat/completions")
         async def chat_completions(body: ChatRequest):
             self.require_served_name(body.model)
-            prompt, max_tokens = _chat_prompt(body)
+            prompt, max_tokens = openai_api.chat_prompt(body)
             params = self.params(max_tokens, body.temperature, body.top_p, body.seed)
-            reply = _Reply("chatcmpl", "chat.completion", self.model_name, chat=True)
+            reply = openai_api.Reply("chatcmpl", "chat.completion", self.model_name, chat=True)
             if body.stream:
-                await self.check_prompt(prompt, params)
-                return StreamingResponse(reply.events(self.stream(prompt, params), body.stream_options), media_type="text/event-stream")
+                return self.stream(prompt, params, reply, body.stream_options)
             return reply.whole(await self.answer(prompt, params))
 
         return app
-
-
-def _chat_prompt(body: ChatRequest) -> tuple[tuple[str, str | None], int | None]:
-    """The ``(instruction, input)`` of a chat request and its token limit, read as the
-    exported chat template reads messages: the last user message is the instruction, the
-    last system (or developer) message the Input block."""
-    from fastapi import HTTPException
-
-    if body.max_tokens is not None and body.max_completion_tokens is not None:
-        raise HTTPException(400, "send max_completion_tokens or max_tokens, not both")
-    users = [m.content for m in body.messages if m.role == "user"]
-    if not users:
-        raise HTTPException(400, "messages hold no user message; its content is the instruction")
-    systems = [m.content for m in body.messages if m.role in ("system", "developer")]
-    try:
-        instruction = _instruction(users[-1])
-    except ValueError as e:
-        raise HTTPException(400, f"the last user message {e}") from None
-    try:
-        input = _no_prompt_key(systems[-1]) if systems else None
-    except ValueError as e:
-        raise HTTPException(400, f"the system message {e}") from None
-    return (instruction, input), body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-
-
-class _Reply:
-    """One OpenAI completion or chat completion, whole or as server-sent event chunks."""
-
-    def __init__(self, prefix: str, kind: str, model: str, *, chat: bool):
-        self.id, self.kind, self.model, self.chat = f"{prefix}-{uuid.uuid4().hex}", kind, model, chat
-        self.created = int(time.time())
-
-    def _envelope(self, kind: str, choices: list, usage: dict | None = None) -> dict:
-        body = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return body
-
-    def _choice(self, text: str | None, finish_reason: str | None, *, delta: bool) -> dict:
-        if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        if delta:
-            return {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": finish_reason}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-
-    def whole(self, result: GenerationResult) -> dict:
-        return self._envelope(self.kind, [self._choice(result.response, result.finish_reason, delta=False)], _usage(result))
-
-    async def events(self, pieces: AsyncIterator[str | GenerationResult], options: StreamOptions | None) -> AsyncIterator[str]:
-        """Chunks as OpenAI sends them: the text, a last chunk with the finish reason,
-        usage if asked for, then ``data: [DONE]``."""
-        kind = "chat.completion.chunk" if self.chat else self.kind
-        if self.chat:
-            yield _sse(self._envelope(kind, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
-        try:
-            async for piece in pieces:
-                if isinstance(piece, GenerationResult):
-                    yield _sse(self._envelope(kind, [self._choice(None, piece.finish_reason, delta=True)]))
-                    if options is not None and options.include_usage:
-                        yield _sse(self._envelope(kind, [], _usage(piece)))
-                else:
-                    yield _sse(self._envelope(kind, [self._choice(piece, None, delta=True)]))
-        except Exception as e:  # the status line has gone out: report in the stream
-            logger.exception("stream %s failed", self.id)
-            yield _sse({"error": {"message": f"generation failed: {type(e).__name__}", "type": "server_error", "param": None, "code": None}})
-        yield "data: [DONE]\n\n"
 
 
 # --- building and running -----------------------------------------------------------
@@ -537,7 +236,9 @@ def check(config: ServeConfig) -> None:
     if not config.model:
         raise ConfigError("--model is required: the checkpoint's hf/ directory")
     check_at_least(config, 1, "max_batch_size", "num_replicas", "max_new_tokens", "max_new_tokens_limit", "max_request_bytes")
-    check_at_least(config, 0, "batch_wait_timeout_s", "num_cpus_per_replica", "num_gpus_per_replica")
+    check_at_least(config, 0, "num_cpus_per_replica", "num_gpus_per_replica")
+    if config.kv_cache_gib is not None and config.kv_cache_gib <= 0:
+        raise ConfigError(f"--kv-cache-gib must be above 0, got {config.kv_cache_gib}")
     if config.max_new_tokens > config.max_new_tokens_limit:
         raise ConfigError(f"--max-new-tokens {config.max_new_tokens} is above --max-new-tokens-limit {config.max_new_tokens_limit}")
     if config.max_ongoing_requests is not None and config.max_ongoing_requests < config.max_batch_size:
@@ -600,7 +301,7 @@ def app_builder(args: dict[str, Any]):
     try:
         config = TypeAdapter(ServeConfig).validate_python(values)
     except PydanticValidationError as e:
-        raise ConfigError(_validation_message(e.errors())) from None
+        raise ConfigError(openai_api.validation_message(e.errors())) from None
     return build_app(config)
 
 

@@ -1,7 +1,6 @@
 """InstructionGenerator: stop at ### End, order under length sorting, left truncation."""
 
 import random
-import threading
 
 import pytest
 import torch
@@ -92,7 +91,7 @@ def test_end_key_spelled_out_in_plain_tokens(generator):
     tokenizer = generator.tokenizer
     ids = tokenizer.encode("hello") + tokenizer.encode("#") * 3 + tokenizer.encode(" End")
     assert generator.ids.end not in ids
-    result = generator._result(ids, 10, False)
+    result = generator.result(ids, 10, False)
     assert (result.response, result.finish_reason, result.num_generated_tokens) == ("hello", "length", len(ids))
 
 
@@ -177,28 +176,3 @@ def test_defaults():
 def test_gpus_generate_in_bf16_where_supported_else_fp16(bf16, expected, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
     assert default_dtype("cuda") == default_dtype(torch.device("cuda", 1)) == expected
-
-
-# --- streaming (what Serve's streamed responses use) ---------------------------------
-
-
-def test_stream_pieces_join_to_the_generated_response(generator):
-    requests_ = ["Reverse the word.", ("Sort the numbers.", "3 1 2"), "x" * 40]
-    params = GenerationParams(greedy=True, max_new_tokens=24)
-    expected = generator.generate(requests_, params, batch_size=1)
-    for request, result in zip(requests_, expected):
-        *pieces, final = list(generator.stream(request, params))
-        assert all(isinstance(p, str) and p for p in pieces)
-        assert final == result
-        assert "".join(pieces) == result.response
-
-
-def test_closing_a_stream_stops_generation(generator, monkeypatch):
-    steps = []
-    forward = generator.model.forward
-    monkeypatch.setattr(generator.model, "forward", lambda *a, **k: steps.append(1) or forward(*a, **k))
-    pieces = generator.stream("Write a long story.", GenerationParams(greedy=True, max_new_tokens=1500))
-    next(pieces)
-    pieces.close()  # joins the generation thread
-    assert not [t for t in threading.enumerate() if t.name == "InstructionGenerator.stream"]
-    assert len(steps) < 100  # stopped within a step of the close, far from 1500

@@ -1,5 +1,6 @@
 """Ray Serve: real HTTP to 127.0.0.1 against a tiny checkpoint, plus the streaming hook it uses."""
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from dolly_ray.generation import GenerationParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW_TOKENS = 12
-LIMIT = 64  # max_new_tokens_limit of the test servers
+LIMIT = 1500  # max_new_tokens_limit of the test servers: room for a long stream to cancel
 BODY_LIMIT = 64 * 1024
 KEY = "test-key-123"
 GREEDY = GenerationParams(greedy=True, max_new_tokens=MAX_NEW_TOKENS)
@@ -76,7 +77,7 @@ def test_job_help_and_one_line_errors():
     script = os.path.join(ROOT, "jobs", "serve.py")
     done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
-    for flag in ("--model", "--host", "--port", "--max-batch-size", "--batch-wait-timeout-s", "--num-replicas", "--autoscaling", "--api-key"):
+    for flag in ("--model", "--host", "--port", "--max-batch-size", "--kv-cache-gib", "--num-replicas", "--autoscaling", "--api-key"):
         assert flag in done.stdout
     done = subprocess.run([sys.executable, script, "--model", "/no/such/dir"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
@@ -108,7 +109,7 @@ def server(serve_http, tiny_model_dir):
         max_new_tokens_limit=LIMIT,
         max_request_bytes=BODY_LIMIT,
     )
-    open_app = dolly_serve.build_app(dolly_serve.ServeConfig(**common, max_batch_size=16, batch_wait_timeout_s=0.05))
+    open_app = dolly_serve.build_app(dolly_serve.ServeConfig(**common, max_batch_size=16))
     keyed_app = dolly_serve.build_app(dolly_serve.ServeConfig(**common, model_name="keyed", api_key=KEY))
     serve.run_many(
         [serve.RunTarget(open_app, name="dolly_open", route_prefix="/"), serve.RunTarget(keyed_app, name="dolly_keyed", route_prefix="/keyed")]
@@ -174,23 +175,68 @@ def test_openai_client_completions_chat_and_streams(server, generator, tiny_mode
 
 @pytest.mark.slow
 def test_concurrent_requests_share_batches(server, generator):
-    before = requests.get(f"{server}/v1/stats", timeout=30).json()
     instructions = [f"Request {i}: repeat the word {'abcdefgh'[i % 8] * (1 + i % 5)}." for i in range(64)]
 
     def ask(instruction):
         return _post(f"{server}/generate", {"instruction": instruction, "temperature": 0})
 
+    before = requests.get(f"{server}/v1/stats", timeout=30).json()
     with ThreadPoolExecutor(64) as pool:
         replies = list(pool.map(ask, instructions))
     assert [r.status_code for r in replies] == [200] * 64
     expected = generator.generate(instructions, GREEDY, batch_size=1)
     assert [r.json()["response"] for r in replies] == [e.response for e in expected]  # each answer went to its own request
-
     after = requests.get(f"{server}/v1/stats", timeout=30).json()
-    assert after["batched_requests"] - before["batched_requests"] == 64
-    new_batches = {int(size): count - before["batch_sizes"].get(size, 0) for size, count in after["batch_sizes"].items()}
-    assert max(size for size, count in new_batches.items() if count > 0) > 1
-    assert after["batches"] - before["batches"] < 64
+    assert after["requests"] - before["requests"] == 64
+    assert after["peak_shared_batch"] >= 8  # decoded together, not one after another
+
+
+@pytest.mark.slow
+def test_concurrent_streamed_chats_share_batches_and_equal_their_whole_answers(server, generator, tiny_model_dir):
+    """16 users streaming at once through the official client: one running batch, and
+    each stream joins to the answer the same request gets whole (and the generator gives alone)."""
+    import openai
+
+    name = dolly_serve.default_model_name(tiny_model_dir)
+    chats = [[{"role": "user", "content": f"Chat {i}: spell {'abcdefgh'[i % 8] * (2 + i % 4)} backwards."}] for i in range(16)]
+
+    async def streamed(client, messages):
+        text, reasons = "", []
+        async for chunk in await client.chat.completions.create(model=name, messages=messages, temperature=0, stream=True):
+            text += chunk.choices[0].delta.content or ""
+            reasons.append(chunk.choices[0].finish_reason)
+        return text, [r for r in reasons if r]
+
+    async def whole(client, messages):
+        reply = await client.chat.completions.create(model=name, messages=messages, temperature=0)
+        return reply.choices[0].message.content, [reply.choices[0].finish_reason]
+
+    async def all_at_once(ask):
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0) as client:
+            return await asyncio.gather(*(ask(client, m) for m in chats))
+
+    streams = asyncio.run(all_at_once(streamed))
+    stats = requests.get(f"{server}/v1/stats", timeout=30).json()
+    wholes = asyncio.run(all_at_once(whole))
+    expected = generator.generate([m[-1]["content"] for m in chats], GREEDY, batch_size=1)
+    assert streams == wholes == [(e.response, [e.finish_reason]) for e in expected]
+    assert stats["peak_shared_batch"] >= 8 and stats["running"] == 0
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_cancels_its_stream(server):
+    before = requests.get(f"{server}/v1/stats", timeout=30).json()
+    body = {"prompt": "Write a long story.", "max_tokens": LIMIT, "temperature": 1.0, "stream": True}
+    with requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120) as reply:
+        assert reply.status_code == 200
+        next(reply.iter_lines())  # the first event, then hang up
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = requests.get(f"{server}/v1/stats", timeout=30).json()
+        if stats["cancelled"] > before["cancelled"]:
+            break
+        time.sleep(0.2)
+    assert stats["cancelled"] == before["cancelled"] + 1 and stats["running"] == 0
 
 
 @pytest.mark.slow

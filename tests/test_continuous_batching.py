@@ -1,0 +1,94 @@
+"""ContinuousBatcher, Serve's engine: requests that arrive together decode together, and
+each answer, streamed or whole, is the one InstructionGenerator gives alone."""
+
+import asyncio
+
+import pytest
+
+from dolly_ray.continuous_batching import ContinuousBatcher, kv_cache_blocks
+from dolly_ray.generation import GenerationParams, GenerationResult, InstructionGenerator
+
+GREEDY = GenerationParams(greedy=True, max_new_tokens=24)
+REQUESTS = ["Reverse the word.", ("Sort the numbers.", "3 1 2"), "x" * 40, "Name a color.", "Give three tips for staying healthy."] * 3
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    batcher = ContinuousBatcher(InstructionGenerator.from_pretrained(tiny_model_dir), max_requests_per_batch=16)
+    yield batcher
+    batcher.stop()
+    assert not batcher.is_running()
+
+
+async def _collect(engine, request, params, stream):
+    return [item async for item in engine.generate(request, params, stream=stream)]
+
+
+def test_concurrent_requests_share_the_batch_and_get_their_own_answers(engine, generator):
+    expected = generator.generate(REQUESTS, GREEDY, batch_size=1)
+
+    async def all_at_once():
+        return await asyncio.gather(*(_collect(engine, r, GREEDY, stream=i % 2 == 0) for i, r in enumerate(REQUESTS)))
+
+    replies = asyncio.run(all_at_once())
+    for i, (items, result) in enumerate(zip(replies, expected)):
+        *pieces, final = items
+        assert final == result
+        if i % 2 == 0:  # streamed: text pieces that join to the answer
+            assert all(isinstance(p, str) and p for p in pieces)
+            assert "".join(pieces) == result.response
+        else:
+            assert pieces == []
+    assert engine.peak_shared() >= len(REQUESTS) // 2  # they were decoded in shared steps, not one after another
+    assert engine.running == 0
+
+
+def test_a_stream_comes_in_pieces(engine, generator):
+    [result] = generator.generate(["Give three tips for staying healthy."], GREEDY)
+    *pieces, final = asyncio.run(_collect(engine, "Give three tips for staying healthy.", GREEDY, stream=True))
+    assert final == result and len(pieces) > 1
+
+
+def test_a_reader_that_goes_away_cancels_its_request(engine):
+    long = GenerationParams(greedy=True, max_new_tokens=1500)
+    cancelled = engine.cancelled
+
+    async def read_one_piece_then_leave():
+        pieces = engine.generate("Write a long story.", long, stream=True)
+        first = await anext(pieces)
+        await pieces.aclose()
+        return first
+
+    assert isinstance(asyncio.run(read_one_piece_then_leave()), str)
+    assert engine.cancelled == cancelled + 1 and engine.running == 0
+    assert not engine.manager.output_router.result_handlers
+    # The loop carries on serving others.
+    [final] = asyncio.run(_collect(engine, "Name a color.", GREEDY, stream=False))
+    assert isinstance(final, GenerationResult)
+
+
+def test_seeded_sampling_is_reproducible_and_matches_the_generator(engine, generator):
+    params = GenerationParams(temperature=0.9, top_p=0.95, max_new_tokens=12, seed=11)
+    [expected] = generator.generate(["Name a fruit."], params)
+    for _ in range(2):
+        assert asyncio.run(engine.answer("Name a fruit.", params)) == expected
+
+
+def test_sampling_without_a_seed_varies_and_respects_the_limit(engine):
+    params = GenerationParams(temperature=1.5, top_p=1.0, max_new_tokens=10)
+
+    async def many():
+        return await asyncio.gather(*(engine.answer("Name a fruit.", params) for _ in range(8)))
+
+    results = asyncio.run(many())
+    assert all(r.num_generated_tokens <= 10 for r in results)
+    assert len({r.response for r in results}) > 1  # a random model sampled at temperature 1.5
+
+
+def test_kv_cache_blocks_fill_the_memory_given(engine):
+    model = engine.generator.model
+    config = model.config
+    bytes_per_token = 2 * config.n_layer * config.n_embd * 4  # keys and values, fp32
+    blocks = kv_cache_blocks(model, 0.25, 256)
+    assert blocks * 256 * bytes_per_token <= 0.25 * 2**30 < (blocks + 1) * 256 * bytes_per_token
+    assert kv_cache_blocks(model, 1e-9, 256) == 1
