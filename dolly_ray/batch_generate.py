@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from dolly_ray import cluster, sources, storage
+from dolly_ray import cluster, sources, storage, vllm_engine
 from dolly_ray.cli import ConfigError, check_at_least, option
 from dolly_ray.sources import Columns, DataError
 
@@ -64,7 +64,8 @@ class BatchConfig:
     columns: str = option("alpaca", "schema name (alpaca, dolly) or instruction=A,input=B (an output= part is ignored)")
     split: str = option("train", "split of a Hugging Face dataset")
     output_format: str | None = option(None, "jsonl or parquet, overriding the output's extension")
-    num_actors: int = option(1, "generation actors, each holding one model")
+    engine: str = option("auto", "hf (transformers), vllm (vLLM through ray.data.llm) or auto: vllm where vLLM is installed and actors get GPUs")
+    num_actors: int = option(1, "generation actors (vllm: engines), each holding one model")
     num_gpus_per_actor: float | None = option(None, "GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
     num_cpus_per_actor: float | None = option(None, "CPUs per actor, fractions allowed (default: 1; on a local Ray started by this job, a share of the CPUs that reading the input leaves)")
     batch_size: int = option(16, "prompts per model.generate call")
@@ -320,6 +321,8 @@ def check(config: BatchConfig) -> Columns:
         raise ConfigError(str(e)) from None
     if storage.is_local_path(config.input) and not os.path.exists(config.input):
         raise ConfigError(f"input not found: {config.input}")
+    if vllm_engine.choose(config.engine, 0) == "vllm":  # a known engine, and vLLM installed if asked for
+        vllm_engine.check_model(config.model)
     from dolly_ray.generation import check_loadable_model
 
     try:
@@ -339,6 +342,9 @@ def run(config: BatchConfig) -> dict[str, Any]:
     num_gpus = cluster.gpus_per_actor(config.num_gpus_per_actor)
     num_cpus = cluster.cpus_each(config.num_cpus_per_actor, config.num_actors, default=1.0)
     cluster.check_fits(actor_request(config.num_actors, num_cpus, num_gpus))
+    engine = vllm_engine.choose(config.engine, num_gpus)
+    if engine == "vllm":
+        vllm_engine.check_model(config.model)
     rows_per_call = config.rows_per_call or config.batch_size * SORT_WINDOW
 
     context = ray.data.DataContext.get_current()
@@ -347,6 +353,9 @@ def run(config: BatchConfig) -> dict[str, Any]:
     try:
         # Blocks of rows_per_call rows, so that every actor gets a share of even one file.
         requests = read_requests(config.input, columns, fmt, config.split).repartition(target_num_rows_per_block=rows_per_call)
+        if engine == "vllm":
+            with cluster.log_pending("batch generation"):
+                return _write(vllm_engine.generate(requests, config, num_gpus, num_cpus), config.output, fmt)
         dataset = requests.map_batches(
             Generate,
             fn_constructor_args=(config, "cuda" if num_gpus > 0 else "cpu"),
@@ -377,6 +386,7 @@ def _write(dataset, output: str, fmt: str) -> dict[str, Any]:
         with filesystem.open_output_stream(partial) as stream, contextlib.closing(_batches(dataset)) as batches:
             writer = _JsonlWriter(stream) if fmt == "jsonl" else _ParquetWriter(stream)
             for batch in batches:
+                batch = _output_columns(batch)
                 writer.write(batch)
                 errors = batch["error"].to_pylist()
                 if first_error is None:
@@ -402,6 +412,13 @@ def _write(dataset, output: str, fmt: str) -> dict[str, Any]:
         output=output,
     )
     return summary
+
+
+def _output_columns(batch: pa.Table) -> pa.Table:
+    """The record and the result columns in their types (an engine may hand back a column
+    of nulls, or extra columns of its own)."""
+    columns = [batch["__record"]] + [batch[f.name].cast(f.type) for f in RESULT_SCHEMA]
+    return pa.Table.from_arrays(columns, names=["__record", *RESULT_SCHEMA.names])
 
 
 def actor_request(num_actors: int, num_cpus: float, num_gpus: float) -> cluster.Request:

@@ -164,7 +164,9 @@ def add_error_handlers(app) -> None:
 class Gate:
     """ASGI middleware, in front of everything: a missing or wrong API key gets 401 (on
     every path but the health check) before the body is read, and a body over the size
-    limit gets 413, whether its length was declared or it arrives in chunks."""
+    limit gets 413, whether its length was declared or it arrives in chunks. The body is
+    read whole (it is small) and handed on, so any app behind the gate, ours or Ray
+    Serve LLM's, sees only bodies within the limit."""
 
     def __init__(self, app, max_bytes: int, key: str):
         self.app, self.max_bytes, self.key = app, max_bytes, key.encode()
@@ -172,28 +174,34 @@ class Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from starlette.exceptions import HTTPException
-
         headers = dict(scope["headers"])
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         if self.key and _route_path(scope) != HEALTH_PATH and (scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key)):
             response = error_response(401, "missing or wrong API key: send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
-        too_large = f"the request body is over this server's limit of {self.max_bytes} bytes"
+        too_large = error_response(413, f"the request body is over this server's limit of {self.max_bytes} bytes")
         length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.max_bytes:
-            return await error_response(413, too_large)(scope, receive, send)
-        received = 0
-
-        async def counted_receive():
-            nonlocal received
+            return await too_large(scope, receive, send)
+        body, more = b"", True
+        while more:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise HTTPException(413, too_large)  # FastAPI passes it to the error handlers
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await too_large(scope, receive, send)
+        sent = False
 
-        await self.app(scope, counted_receive, send)
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()  # what comes after the body: a disconnect, for a stream
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def _route_path(scope) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 from ray import serve
 
-from dolly_ray import cluster, openai_api
+from dolly_ray import cluster, openai_api, vllm_engine
 from dolly_ray.cli import ConfigError, check_at_least, option
 from dolly_ray.generation import GenerationParams, GenerationResult, Request, check_loadable_model
 from dolly_ray.openai_api import ChatRequest, CompletionRequest, GenerateRequest
@@ -45,6 +45,7 @@ class ServeConfig:
 
     model: str = option("", "the checkpoint's Hugging Face model directory (<checkpoint>/hf) or a hub id")
     model_name: str = option("", "name clients send as `model` and /v1/models lists; empty: the directory's name")
+    engine: str = option("auto", "hf (transformers with continuous batching), vllm (vLLM through ray.serve.llm) or auto: vllm where vLLM is installed and replicas get GPUs")
     num_replicas: int = option(1, "replicas, each holding one copy of the model")
     autoscaling: dict = option({}, "Ray Serve autoscaling_config, e.g. {\"min_replicas\": 1, \"max_replicas\": 4}; replaces num_replicas")
     num_cpus_per_replica: float = option(1.0, "CPUs reserved per replica (fractions allowed)")
@@ -95,7 +96,9 @@ class InstructionServer:
             raise RuntimeError("the continuous-batching generation loop has stopped")
 
     def __del__(self):
-        self.engine.stop()
+        """Serve calls this on a graceful shutdown: end the generation loop's thread."""
+        if hasattr(self, "engine"):
+            self.engine.stop()
 
     # -- request checks --
 
@@ -237,6 +240,8 @@ def check(config: ServeConfig) -> None:
         raise ConfigError("--model is required: the checkpoint's hf/ directory")
     check_at_least(config, 1, "max_batch_size", "num_replicas", "max_new_tokens", "max_new_tokens_limit", "max_request_bytes")
     check_at_least(config, 0, "num_cpus_per_replica", "num_gpus_per_replica")
+    if vllm_engine.choose(config.engine, 0) == "vllm":  # a known engine, and vLLM installed if asked for
+        vllm_engine.check_model(config.model)
     if config.kv_cache_gib is not None and config.kv_cache_gib <= 0:
         raise ConfigError(f"--kv-cache-gib must be above 0, got {config.kv_cache_gib}")
     if config.max_new_tokens > config.max_new_tokens_limit:
@@ -283,6 +288,9 @@ def _application(config: ServeConfig):
     else:
         options["num_replicas"] = config.num_replicas
     api_key = config.api_key or os.environ.get(API_KEY_ENV, "")
+    if vllm_engine.choose(config.engine, num_gpus) == "vllm":
+        vllm_engine.check_model(config.model)
+        return vllm_engine.serve_app(config, api_key, num_gpus)
     return InstructionServer.options(**options).bind(config, api_key)
 
 

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,8 +16,19 @@ from dolly_ray import checkpoint, demo, prompts, tasks, testing, train
 
 @pytest.fixture(scope="module")
 def demo_run(ray_local, tmp_path_factory):
-    """The README's demo, end to end: the learning tests below all read its results."""
-    return demo.run(demo.DemoConfig(output_dir=str(tmp_path_factory.mktemp("demo"))))
+    """The README's demo, end to end: the learning tests below all read its results.
+
+    With $DOLLY_RAY_DEMO_DIR set (make test), the run and its summary stay there for the
+    vLLM lane, which answers with the same checkpoint instead of training it again.
+    """
+    keep = os.environ.get("DOLLY_RAY_DEMO_DIR")
+    if keep:
+        shutil.rmtree(keep, ignore_errors=True)
+    summary = demo.run(demo.DemoConfig(output_dir=keep or str(tmp_path_factory.mktemp("demo"))))
+    if keep:
+        with open(os.path.join(keep, "summary.json"), "w") as f:
+            json.dump(demo.report(summary)[1], f)
+    return summary
 
 
 @pytest.mark.slow
