@@ -82,6 +82,7 @@ class ContinuousBatcher:
         self.manager.stop(block=True, timeout=30)
 
     def sampling(self, params: GenerationParams) -> dict:
+        """A request's own sampling arguments for the loop (top_k 0, "off", is the whole vocabulary)."""
         if params.greedy:
             return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
         return {"temperature": params.temperature, "top_k": params.top_k or self.vocab_size, "top_p": params.top_p}
