@@ -2,6 +2,7 @@
 batch job) and ray.serve.llm (the Serve app), started as a user starts them, answering
 as the hf engine answers. Runs in .venv-vllm: `make test-vllm`."""
 
+import contextlib
 import json
 import os
 import signal
@@ -91,25 +92,29 @@ def vllm_server(demo):
     ]  # fmt: skip
     log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vllm-serve-{port}.log"), "w")
     process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    try:  # the server and its Ray go, whatever happens here or in the tests
+        yield _wait_until_serving(process, f"http://127.0.0.1:{port}", log.name), default_model_name(summary["hf_model"])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def _wait_until_serving(process: subprocess.Popen, url: str, log: str) -> str:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        assert process.poll() is None, open(log.name).read()[-4000:]
+        assert process.poll() is None, open(log).read()[-4000:]
         try:
             if requests.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=5).status_code == 200:
-                break
+                return url
         except requests.RequestException:  # not listening yet, or the route not ready
             pass
         time.sleep(2)
-    else:
-        pytest.fail("the vllm app did not come up in 10 minutes:\n" + open(log.name).read()[-4000:])
-    yield url, default_model_name(summary["hf_model"])
-    os.killpg(process.pid, signal.SIGINT)
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-    log.close()
+    pytest.fail("the vllm app did not come up in 10 minutes:\n" + open(log).read()[-4000:])
 
 
 def test_the_vllm_app_answers_chats_and_completions_as_the_hf_engine(vllm_server, demo, hf_answers):
