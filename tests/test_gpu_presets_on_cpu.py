@@ -1,5 +1,6 @@
 """The GPU presets rehearsed on CPUs: ``a10`` (bf16, Adam offloaded to the CPU) and ``v100``
-(fp16 with dynamic loss scaling, offloaded Adam), each under ZeRO-3 on 2 workers.
+(fp16 with dynamic loss scaling, offloaded Adam), each under ZeRO-3 on 2 workers. The a10
+run is stopped and resumed exactly; the v100 run shows the loss scale at work.
 
 Each run is the job a user starts, ``jobs/train.py --preset a10 --no-use-gpu``, on a local
 Ray of its own whose processes have ``tests/cpu_fp16`` on their path: DeepSpeed's CPU
@@ -43,12 +44,11 @@ def dataset(tmp_path_factory):
     return tasks.write_jsonl(tasks.generate(200, seed=5), tmp_path_factory.mktemp("gpu-presets") / "tasks.jsonl")
 
 
-@pytest.mark.parametrize("preset, dtype", [("a10", torch.bfloat16), ("v100", torch.float16)])
-def test_gpu_preset_trains_resumes_exactly_and_exports_16bit(preset, dtype, tiny_model_dir, dataset, tmp_path):
-    full = _train(tiny_model_dir, dataset, tmp_path, "full", preset)
-    stopped = _train(tiny_model_dir, dataset, tmp_path, "resumed", preset, "--stop-after-steps", str(STEPS // 2))
-    resumed = _train(tiny_model_dir, dataset, tmp_path, "resumed", preset)
-    assert full["preset"] == preset and full["finished"] is True and full["steps"] == STEPS
+def test_the_a10_preset_trains_resumes_exactly_and_exports_bf16(tiny_model_dir, dataset, tmp_path):
+    full = _train(tiny_model_dir, dataset, tmp_path, "full", "a10")
+    stopped = _train(tiny_model_dir, dataset, tmp_path, "resumed", "a10", "--stop-after-steps", str(STEPS // 2))
+    resumed = _train(tiny_model_dir, dataset, tmp_path, "resumed", "a10")
+    assert full["preset"] == "a10" and full["finished"] is True and full["steps"] == STEPS
     assert stopped["steps"] == STEPS // 2 and stopped["finished"] is False and resumed["finished"] is True
 
     history, resumed_history = checkpoint.read_history(full["checkpoint"]), checkpoint.read_history(resumed["checkpoint"])
@@ -57,21 +57,17 @@ def test_gpu_preset_trains_resumes_exactly_and_exports_16bit(preset, dtype, tiny
     for before, after in zip(history, resumed_history):
         assert after["train_loss"] == pytest.approx(before["train_loss"], rel=1e-5), after["step"]
         assert after["learning_rate"] == before["learning_rate"]
-        assert after.get("loss_scale") == before.get("loss_scale")  # fp16: the scaler state resumes too
-    assert ("loss_scale" in history[-1]) == (preset == "v100")
+    assert "loss_scale" not in history[-1]  # bf16 needs no loss scaling
 
     # The consolidated 16-bit export: plain transformers loads it in its training precision.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(full["hf_model"])
-    assert model.dtype == dtype
+    assert model.dtype == torch.bfloat16
     weights, resumed_weights = load_file(os.path.join(full["hf_model"], "model.safetensors")), load_file(os.path.join(resumed["hf_model"], "model.safetensors"))
-    assert {t.dtype for t in weights.values()} == {dtype}
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     for name, tensor in weights.items():
-        if dtype == torch.bfloat16:
-            assert torch.equal(tensor, resumed_weights[name]), name
-        else:  # a restore re-rounds fp16 weights from the fp32 masters, which CPU Adam rounds its own way: one fp16 step apart at most
-            torch.testing.assert_close(resumed_weights[name], tensor, rtol=2**-10, atol=2**-14, msg=name)
+        assert torch.equal(tensor, resumed_weights[name]), name
     tokenizer = AutoTokenizer.from_pretrained(full["hf_model"])
     output = model.generate(**tokenizer("Reverse the letters of the word.", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     assert output.shape[1] > 0
@@ -89,3 +85,7 @@ def test_v100_overflow_skips_the_step_and_halves_the_loss_scale(tiny_model_dir, 
     exported, base = load_file(os.path.join(summary["hf_model"], "model.safetensors")), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     for name, tensor in exported.items():
         assert torch.equal(tensor.float(), base[name].half().float()), name
+    # The fp16 export loads with plain transformers in fp16.
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(summary["hf_model"]).dtype == torch.float16

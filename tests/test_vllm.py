@@ -124,7 +124,7 @@ def test_the_vllm_app_answers_chats_and_completions_as_the_hf_engine(vllm_server
     _, heldout = demo
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in client.models.list()] == [name]
-    for record, expected in list(zip(heldout, hf_answers))[:12]:
+    for record, expected in list(zip(heldout, hf_answers))[:8]:
         # The chat template of the export writes the Dolly prompt: a system message is the Input block.
         messages = ([{"role": "system", "content": record["input"]}] if record["input"] else []) + [{"role": "user", "content": record["instruction"]}]
         chat = client.chat.completions.create(model=name, messages=messages, temperature=0, max_tokens=TOKENS)
