@@ -243,8 +243,13 @@ class RayCluster:
             time.sleep(1)
 
     def alive_node_ids(self) -> list[str]:
+        """The live nodes' ids; none while the head is starting (``ray list`` then prints
+        "No resource in the cluster" instead of JSON)."""
         listed = self.ray("list", "nodes", "--address", self.address, "--format", "json", "--filter", "state=ALIVE")
-        return [row["node_id"] for row in json.loads(listed.stdout)] if listed.returncode == 0 else []
+        try:
+            return [row["node_id"] for row in json.loads(listed.stdout)] if listed.returncode == 0 else []
+        except ValueError:
+            return []
 
     def ray(self, *args: str, timeout: float = 120):
         return subprocess.run(["ray", *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
