@@ -318,16 +318,22 @@ class InstructionGenerator:
         return output[:, width:].tolist()
 
     def result(self, new_ids: list[int], num_prompt_tokens: int, truncated: bool) -> GenerationResult:
-        """Cut the response out of one sequence's new tokens.
+        """Cut the response out of one sequence's new tokens (see ``cut_response``)."""
+        return cut_response(self.tokenizer, self.ids.end, new_ids, num_prompt_tokens, truncated)
 
-        The prompt ends with the response key, so the response starts at the first new
-        token and ends before the ``### End`` id; what follows it is padding. Without
-        the id, the text is still cut at an ``### End`` spelled out in ordinary tokens.
-        """
-        if self.ids.end in new_ids:
-            cut = new_ids.index(self.ids.end)
-            text = self.tokenizer.decode(new_ids[:cut], skip_special_tokens=True)
-            return GenerationResult(text.strip(), "stop", num_prompt_tokens, cut + 1, truncated)
-        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        response = prompts.extract_response(f"{prompts.RESPONSE_KEY}\n{text}") or ""
-        return GenerationResult(response, "length", num_prompt_tokens, len(new_ids), truncated)
+
+def cut_response(tokenizer, end_id: int, new_ids: Sequence[int], num_prompt_tokens: int, truncated: bool) -> GenerationResult:
+    """The response in one sequence's new tokens, whichever engine generated them.
+
+    The prompt ends with the response key, so the response starts at the first new
+    token and ends before the ``### End`` id; what follows it is padding. Without
+    the id, the text is still cut at an ``### End`` spelled out in ordinary tokens.
+    """
+    new_ids = list(new_ids)
+    if end_id in new_ids:
+        cut = new_ids.index(end_id)
+        text = tokenizer.decode(new_ids[:cut], skip_special_tokens=True)
+        return GenerationResult(text.strip(), "stop", num_prompt_tokens, cut + 1, truncated)
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    response = prompts.extract_response(f"{prompts.RESPONSE_KEY}\n{text}") or ""
+    return GenerationResult(response, "length", num_prompt_tokens, len(new_ids), truncated)

@@ -192,16 +192,22 @@ class Gate:
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
                 return await too_large(scope, receive, send)
-        sent = False
+        await self.app(scope, replaying({"type": "http.request", "body": body, "more_body": False}, receive), send)
 
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()  # what comes after the body: a disconnect, for a stream
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, send)
+def replaying(message: dict, receive):
+    """An ASGI ``receive`` that hands on ``message``, a body already read whole, then what
+    ``receive`` brings after it (a disconnect, for a stream)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return message
+
+    return replay
 
 
 def _route_path(scope) -> str:

@@ -122,16 +122,7 @@ class BodyCheck:
         problem = _body_problem(dict(scope["headers"]).get(b"content-type", b""), message.get("body", b""), field)
         if problem:
             return await openai_api.error_response(*problem)(scope, receive, send)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return message
-
-        await self.app(scope, replay, send)
+        await self.app(scope, openai_api.replaying(message, receive), send)
 
 
 def _body_problem(content_type: bytes, body: bytes, field: str) -> tuple[int, str] | None:
@@ -222,18 +213,16 @@ def _vllm_request(row: dict, config: "BatchConfig") -> dict:
 
 
 def _result(row: dict, config: "BatchConfig") -> dict:
-    """The hf engine's output columns from vLLM's tokens and text (see ``InstructionGenerator.result``)."""
+    """The hf engine's output columns, cut from vLLM's token ids by the hf engine's rule."""
     from dolly_ray.batch_generate import RESULT_SCHEMA
+    from dolly_ray.generation import cut_response
 
     out = dict.fromkeys(RESULT_SCHEMA.names)
     out.update(__record=row["__record"], error=row["__error"])
     if row["__error"] is not None:
         return out
-    _, ids, _ = _tokenizer_and_budget(config.model, config.trust_remote_code, config.max_new_tokens)
-    tokens, text = list(row["generated_tokens"]), row["generated_text"]  # vLLM's text leaves out the stop token
-    if ids.end in tokens:
-        out.update(response=text.strip(), finish_reason="stop", num_generated_tokens=tokens.index(ids.end) + 1)
-    else:
-        out.update(response=prompts.extract_response(f"{prompts.RESPONSE_KEY}\n{text}") or "", finish_reason="length", num_generated_tokens=len(tokens))
-    out.update(num_prompt_tokens=row["num_input_tokens"], truncated=bool(row["truncated"]))
+    tokenizer, ids, _ = _tokenizer_and_budget(config.model, config.trust_remote_code, config.max_new_tokens)
+    result = cut_response(tokenizer, ids.end, row["generated_tokens"], row["num_input_tokens"], bool(row["truncated"]))
+    out.update(response=result.response, finish_reason=result.finish_reason, num_prompt_tokens=result.num_prompt_tokens,
+               num_generated_tokens=result.num_generated_tokens, truncated=result.truncated)
     return out
