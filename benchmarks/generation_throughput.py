@@ -5,7 +5,9 @@ tokenize one prompt, ``model.generate``, decode. (b) is ``InstructionGenerator.g
 over all prompts at once (left padding, length-sorted micro-batches). (d) is Serve's
 engine, ``ContinuousBatcher``, with every prompt submitted at once. (c) is
 ``dolly_ray.batch_generate.run`` with two actors, timed from the first block to the last row
-written, so it includes starting the actors and loading the model in each.
+written, so it includes starting the actors and loading the model in each. (e), where
+vLLM is installed (run it with ``.venv-vllm/bin/python``), is the same job with the vllm
+engine (vLLM's CPU build through ``ray.data.llm``, one engine), engine start included.
 
 The default model is the tests' tiny random GPT-J with a tokenizer trained on ``--data``
 (``--vocab-size`` 4096): about 3.7 characters per token, near GPT-J's own, so prompts
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import tempfile
@@ -33,7 +36,7 @@ import time
 import torch
 
 from dolly_ray import batch_generate, prompts, testing
-from dolly_ray.continuous_batching import ContinuousBatcher
+from dolly_ray.continuous_batching import ContinuousBatcher, Unsupported
 from dolly_ray.generation import GenerationParams, InstructionGenerator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +63,27 @@ def generate_response_naive(instruction: str, *, model, tokenizer, max_new_token
     end_positions = (gen_tokens == end_key_token_id).nonzero()
     end_pos = end_positions[0].item() if len(end_positions) else None
     return tokenizer.decode(gen_tokens[response_pos + 1 : end_pos], skip_special_tokens=True).strip(), num_new
+
+
+def batch_job(tmp: str, model_dir: str, source: str, args: argparse.Namespace, *, engine: str, num_actors: int) -> tuple[dict, list[str]]:
+    """The batch-generation job over ``source``: its summary and the responses in order."""
+    summary = batch_generate.run(
+        batch_generate.BatchConfig(
+            model=model_dir,
+            input=source,
+            output=os.path.join(tmp, f"responses-{engine}.jsonl"),
+            engine=engine,
+            num_actors=num_actors,
+            num_cpus_per_actor=1 / num_actors,  # the actors on one CPU, leaving the other for the read task
+            batch_size=args.batch_size,
+            rows_per_call=-(-args.num_prompts // num_actors),  # one call per actor
+            max_batch_tokens=args.max_batch_tokens or None,
+            max_new_tokens=args.max_new_tokens,
+            greedy=True,
+        )
+    )
+    with open(summary["output"]) as f:
+        return summary, [json.loads(line)["response"] for line in f]
 
 
 def best_of(repeats: int, fn):
@@ -90,7 +114,7 @@ def main() -> None:
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="micro-batch cap on rows x padded length; 0: none")
     p.add_argument("--repeats", type=int, default=2, help="runs of (a) and (b); the fastest counts")
     p.add_argument("--threads", type=int, default=0, help="torch threads for (a) and (b); 0: torch's default")
-    p.add_argument("--skip-ray", action="store_true", help="leave out (c)")
+    p.add_argument("--skip-ray", action="store_true", help="leave out (c) and (e)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,20 +172,24 @@ def main() -> None:
             i = mismatches[0]
             print(f"first mismatch, prompt {i}: naive={out_a[i][0]!r} batched={out_b[i].response!r}", flush=True)
 
-        engine = ContinuousBatcher(generator, max_requests_per_batch=args.batch_size)
+        try:
+            engine = ContinuousBatcher(generator, max_requests_per_batch=args.batch_size)
+        except Unsupported as e:  # e.g. with the transformers that vLLM's CPU build pins
+            print(f"(d) continuous batching: not run: {e}", flush=True)
+        else:
 
-        async def all_at_once():
-            return await asyncio.gather(*(engine.answer(i, params) for i in instructions))
+            async def all_at_once():
+                return await asyncio.gather(*(engine.answer(i, params) for i in instructions))
 
-        seconds_d, out_d = best_of(args.repeats, lambda: asyncio.run(all_at_once()))
-        engine.stop()
-        tokens_d = sum(r.num_generated_tokens for r in out_d)
-        result.update(
-            continuous_tokens_per_s=round(tokens_d / seconds_d, 1),
-            ratio_d_over_a=round((tokens_d / seconds_d) / (tokens_a / seconds_a), 2),
-            text_mismatches_d_vs_b=sum(d.response != b.response for d, b in zip(out_d, out_b)),
-        )
-        print(f"(d) continuous batching: {tokens_d} tokens in {seconds_d:.2f}s; {result['text_mismatches_d_vs_b']} text mismatches vs (b)", flush=True)
+            seconds_d, out_d = best_of(args.repeats, lambda: asyncio.run(all_at_once()))
+            engine.stop()
+            tokens_d = sum(r.num_generated_tokens for r in out_d)
+            result.update(
+                continuous_tokens_per_s=round(tokens_d / seconds_d, 1),
+                ratio_d_over_a=round((tokens_d / seconds_d) / (tokens_a / seconds_a), 2),
+                text_mismatches_d_vs_b=sum(d.response != b.response for d, b in zip(out_d, out_b)),
+            )
+            print(f"(d) continuous batching: {tokens_d} tokens in {seconds_d:.2f}s; {result['text_mismatches_d_vs_b']} text mismatches vs (b)", flush=True)
 
         if not args.skip_ray:
             import ray
@@ -171,22 +199,7 @@ def main() -> None:
             source = os.path.join(tmp, "prompts.jsonl")
             with open(source, "w") as f:
                 f.writelines(json.dumps({"instruction": i}) + "\n" for i in instructions)
-            summary = batch_generate.run(
-                batch_generate.BatchConfig(
-                    model=model_dir,
-                    input=source,
-                    output=os.path.join(tmp, "responses.jsonl"),
-                    num_actors=2,
-                    num_cpus_per_actor=0.5,  # two actors on two CPUs, leaving room for the read task
-                    batch_size=args.batch_size,
-                    rows_per_call=-(-len(instructions) // 2),  # one call per actor
-                    max_batch_tokens=max_batch_tokens,
-                    max_new_tokens=args.max_new_tokens,
-                    greedy=True,
-                )
-            )
-            with open(summary["output"]) as f:
-                out_c = [json.loads(line)["response"] for line in f]
+            summary, out_c = batch_job(tmp, model_dir, source, args, engine="hf", num_actors=2)
             print(
                 f"(c) ray data, 2 actors: {summary['generated_tokens']} tokens in {summary['seconds']:.2f}s "
                 "(actor start and model load included)",
@@ -197,6 +210,14 @@ def main() -> None:
                 ray_data_seconds=summary["seconds"],
                 text_mismatches_c_vs_b=sum(c != b.response for c, b in zip(out_c, out_b)),
             )
+            if importlib.util.find_spec("vllm") is not None:
+                summary, out_e = batch_job(tmp, model_dir, source, args, engine="vllm", num_actors=1)
+                print(f"(e) vllm engine, ray data: {summary['generated_tokens']} tokens in {summary['seconds']:.2f}s (engine start included)", flush=True)
+                result.update(
+                    vllm_tokens_per_s=summary["tokens_per_s"],
+                    vllm_seconds=summary["seconds"],
+                    text_mismatches_e_vs_b=sum(e != b.response for e, b in zip(out_e, out_b)),
+                )
             ray.shutdown()
         print(json.dumps(result), flush=True)
 

@@ -10,7 +10,8 @@ requests with and without ``stream=True`` at each --concurrency. Prints requests
 time to first token (streams) or latency (whole) p50/p99 and mean inter-token latency,
 and ends with one JSON line holding all figures and the goals' ratios:
 streamed throughput at the top concurrency over one-at-a-time (concurrency 1), and
-TTFT p99 at concurrency 32 over TTFT p99 at concurrency 1.
+TTFT p99 at concurrency 32 over TTFT p99 at concurrency 1; the same for the engine alone
+(--engines continuous-no-http), which tells the engine's scaling from the serving stack's.
 
     python benchmarks/serve_load.py                 # several minutes on 2 CPU cores
     python benchmarks/serve_load.py --model runs/gptj/checkpoint_000010/hf --num-gpus-per-replica 1
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import dataclasses
 import json
 import os
 import statistics
@@ -32,8 +31,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from ray import serve  # noqa: E402
 
-from dolly_ray.generation import GenerationParams, GenerationResult, Request  # noqa: E402
+from dolly_ray.generation import GenerationParams  # noqa: E402
 from dolly_ray.serve import InstructionServer  # noqa: E402
+from dolly_ray.static_batching import StaticBatcher  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,54 +44,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--max-batch-size", type=int, default=64, help="most requests decoded together, in both engines")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.15, help="static batching's wait for a batch to fill")
-    p.add_argument("--engines", nargs="+", default=["continuous", "static"], choices=["continuous", "static"])
+    p.add_argument("--engines", nargs="+", default=["continuous", "static", "continuous-no-http"], choices=["continuous", "static", "continuous-no-http"],
+                   help="continuous-no-http: the replica's ContinuousBatcher driven in this process, without Serve, HTTP or the client")
     p.add_argument("--num-cpus-per-replica", type=float, default=1.0)
     p.add_argument("--num-gpus-per-replica", type=float, default=0.0)
     return p.parse_args()
-
-
-class StaticBatcher:
-    """Static batching with ``ContinuousBatcher``'s interface, for comparison only."""
-
-    def __init__(self, generator, max_batch_size: int, batch_wait_timeout_s: float):
-        self.generator = generator
-        self.lock = asyncio.Lock()  # one generate() at a time on one model
-        self.batch_sizes: collections.Counter[int] = collections.Counter()
-        self.running = self.cancelled = 0
-        self.generate_batch.set_max_batch_size(max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-
-    @serve.batch
-    async def generate_batch(self, jobs: list[tuple[Request, GenerationParams]]) -> list[GenerationResult]:
-        self.batch_sizes[len(jobs)] += 1
-        groups: dict[tuple, list[int]] = collections.defaultdict(list)
-        for i, (_, params) in enumerate(jobs):
-            groups[dataclasses.astuple(params)].append(i)
-        results: list = [None] * len(jobs)
-        for indices in groups.values():
-            async with self.lock:
-                group = await asyncio.to_thread(self.generator.generate, [jobs[i][0] for i in indices], jobs[indices[0]][1], batch_size=len(indices))
-            for i, result in zip(indices, group):
-                results[i] = result
-        return results
-
-    async def generate(self, request: Request, params: GenerationParams, *, stream: bool = False):
-        result = await self.generate_batch((request, params))
-        if stream and result.response:
-            yield result.response
-        yield result
-
-    async def answer(self, request: Request, params: GenerationParams) -> GenerationResult:
-        return await self.generate_batch((request, params))
-
-    def peak_shared(self) -> int:
-        return max(self.batch_sizes, default=0)
-
-    def is_running(self) -> bool:
-        return True
-
-    def stop(self) -> None:
-        pass
 
 
 @serve.deployment
@@ -106,6 +63,43 @@ def load(url: str, model: str, concurrency: int, total: int, max_new_tokens: int
     return asyncio.run(_load(url, model, concurrency, total, max_new_tokens, stream))
 
 
+def prompt(i: int) -> str:
+    return f"Write a sentence about the number {i}."
+
+
+def load_engine(batcher, concurrency: int, total: int, max_new_tokens: int, stream: bool) -> dict:
+    """``load`` without the serving stack: the same requests straight to a ContinuousBatcher."""
+    params = GenerationParams(max_new_tokens=max_new_tokens, greedy=True)
+    first_token: list[float] = []
+    pending = iter(range(total))
+
+    async def client() -> None:
+        for i in pending:
+            start = time.perf_counter()
+            first = None
+            async for _ in batcher.generate(prompt(i), params, stream=stream):
+                first = first or time.perf_counter() - start  # streams: the first text; whole: the result
+            first_token.append(first)
+
+    async def run() -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return time.perf_counter() - start
+
+    return figures(total, asyncio.run(run()), first_token, stream)
+
+
+def figures(total: int, elapsed: float, first_token: list[float], stream: bool) -> dict:
+    """Requests/s and p50/p99 of the time to the first text (streams) or the latency (whole)."""
+    first_token = sorted(first_token)
+    return {
+        "requests": total,
+        "requests_per_s": round(total / elapsed, 2),
+        "ttft_p50_s" if stream else "latency_p50_s": round(statistics.median(first_token), 4),
+        "ttft_p99_s" if stream else "latency_p99_s": round(first_token[min(len(first_token) - 1, int(0.99 * len(first_token)))], 4),
+    }
+
+
 async def _load(url: str, model: str, concurrency: int, total: int, max_new_tokens: int, stream: bool) -> dict:
     import openai
 
@@ -115,7 +109,7 @@ async def _load(url: str, model: str, concurrency: int, total: int, max_new_toke
 
     async def client(api: openai.AsyncOpenAI) -> None:
         for i in pending:
-            messages = [{"role": "user", "content": f"Write a sentence about the number {i}."}]
+            messages = [{"role": "user", "content": prompt(i)}]
             start = time.perf_counter()
             if not stream:
                 await api.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=max_new_tokens)
@@ -133,71 +127,104 @@ async def _load(url: str, model: str, concurrency: int, total: int, max_new_toke
         start = time.perf_counter()
         await asyncio.gather(*(client(api) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    first_token.sort()
-    return {
-        "requests": total,
-        "requests_per_s": round(total / elapsed, 2),
-        "ttft_p50_s" if stream else "latency_p50_s": round(statistics.median(first_token), 4),
-        "ttft_p99_s" if stream else "latency_p99_s": round(first_token[min(len(first_token) - 1, int(0.99 * len(first_token)))], 4),
-        **({"inter_token_s": round(statistics.mean(token_gaps), 4) if token_gaps else None} if stream else {}),
-    }
+    result = figures(total, elapsed, first_token, stream)
+    if stream:
+        result["inter_token_s"] = round(statistics.mean(token_gaps), 4) if token_gaps else None
+    return result
 
 
 def main() -> None:
     args = parse_args()
+    from dolly_ray import testing
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(testing.build_model(os.path.join(tmp, "tiny-gptj")))
+        runs = run_served(model, args, [e for e in args.engines if e != "continuous-no-http"])
+        if "continuous-no-http" in args.engines:
+            runs.update(run_engine_alone(model, args))
+
+    summary = {"model": args.model or "tiny random GPT-J", "max_new_tokens": args.max_new_tokens, "max_batch_size": args.max_batch_size, "runs": runs}
+    for engine in ("continuous", "continuous-no-http"):
+        streamed = runs.get(f"{engine}, streamed", {})
+        if {"1", "32"} <= set(streamed):
+            summary[f"{engine}: streamed_throughput_32_over_1"] = round(streamed["32"]["requests_per_s"] / streamed["1"]["requests_per_s"], 2)
+            summary[f"{engine}: ttft_p99_32_over_1"] = round(streamed["32"]["ttft_p99_s"] / streamed["1"]["ttft_p99_s"], 2)
+    if {"continuous", "static"} <= set(args.engines) and "32" in runs["continuous, streamed"]:
+        summary["streamed_throughput_32_continuous_over_static"] = round(
+            runs["continuous, streamed"]["32"]["requests_per_s"] / runs["static, streamed"]["32"]["requests_per_s"], 2
+        )
+    print(json.dumps(summary))
+
+
+def run_served(model: str, args: argparse.Namespace, engines: list[str]) -> dict:
+    """Each engine deployed in turn on a local Ray and Serve, under the clients' load."""
     import ray
     import requests
 
     from dolly_ray import testing
     from dolly_ray.serve import ServeConfig, build_app
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(testing.build_model(os.path.join(tmp, "tiny-gptj")))
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        port = testing.free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        url = f"http://127.0.0.1:{port}"
-        runs: dict[str, dict] = {}
-        for engine in args.engines:
-            config = ServeConfig(
-                model=model,
-                model_name="bench",
-                max_batch_size=args.max_batch_size,
-                max_ongoing_requests=2 * max(args.concurrency),
-                max_new_tokens_limit=max(args.max_new_tokens, 1024),
-                num_cpus_per_replica=args.num_cpus_per_replica,
-                num_gpus_per_replica=args.num_gpus_per_replica,
-            )
-            app = build_app(config)
-            if engine == "static":
-                StaticBatchServer.func_or_class.batch_wait_timeout_s = args.batch_wait_timeout_s
-                app = StaticBatchServer.options(**_deployment_options(app)).bind(*app._bound_deployment.init_args)
-            serve.run(app, name="serve_load", route_prefix="/")
-            load(url, "bench", 4, 8, args.max_new_tokens, stream=True)  # warm up
-            for stream in (True, False):
-                label = f"{engine}, {'streamed' if stream else 'whole'}"
-                runs[label] = {}
-                for concurrency in args.concurrency:
-                    total = max(16, concurrency * args.requests_per_client)
-                    result = load(url, "bench", concurrency, total, args.max_new_tokens, stream)
-                    runs[label][str(concurrency)] = result
-                    print(f"{label:20s} concurrency={concurrency:<3d} " + "  ".join(f"{k} {v}" for k, v in result.items() if k != "requests"), flush=True)
-            runs[f"{engine}, stats"] = requests.get(f"{url}/v1/stats", timeout=30).json()
-            serve.delete("serve_load")
-        serve.shutdown()
-        ray.shutdown()
+    runs: dict[str, dict] = {}
+    if not engines:
+        return runs
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    port = testing.free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    for engine in engines:
+        config = ServeConfig(
+            model=model,
+            model_name="bench",
+            max_batch_size=args.max_batch_size,
+            max_ongoing_requests=2 * max(args.concurrency),
+            max_new_tokens_limit=max(args.max_new_tokens, 1024),
+            num_cpus_per_replica=args.num_cpus_per_replica,
+            num_gpus_per_replica=args.num_gpus_per_replica,
+        )
+        app = build_app(config)
+        if engine == "static":
+            StaticBatchServer.func_or_class.batch_wait_timeout_s = args.batch_wait_timeout_s
+            app = StaticBatchServer.options(**_deployment_options(app)).bind(*app._bound_deployment.init_args)
+        serve.run(app, name="serve_load", route_prefix="/")
+        load(url, "bench", 4, 8, args.max_new_tokens, stream=True)  # warm up
+        for stream in (True, False):
+            label = f"{engine}, {'streamed' if stream else 'whole'}"
+            runs[label] = {}
+            for concurrency in args.concurrency:
+                total = max(16, concurrency * args.requests_per_client)
+                result = load(url, "bench", concurrency, total, args.max_new_tokens, stream)
+                runs[label][str(concurrency)] = result
+                print(f"{label:20s} concurrency={concurrency:<3d} " + "  ".join(f"{k} {v}" for k, v in result.items() if k != "requests"), flush=True)
+        runs[f"{engine}, stats"] = requests.get(f"{url}/v1/stats", timeout=30).json()
+        serve.delete("serve_load")
+    serve.shutdown()
+    ray.shutdown()
+    return runs
 
-    summary = {"model": args.model or "tiny random GPT-J", "max_new_tokens": args.max_new_tokens, "max_batch_size": args.max_batch_size, "runs": runs}
-    if "continuous" in args.engines:
-        streamed = runs["continuous, streamed"]
-        if {"1", "32"} <= set(streamed):
-            summary["streamed_throughput_32_over_1"] = round(streamed["32"]["requests_per_s"] / streamed["1"]["requests_per_s"], 2)
-            summary["ttft_p99_32_over_1"] = round(streamed["32"]["ttft_p99_s"] / streamed["1"]["ttft_p99_s"], 2)
-            if "static" in args.engines:
-                summary["streamed_throughput_32_continuous_over_static"] = round(
-                    streamed["32"]["requests_per_s"] / runs["static, streamed"]["32"]["requests_per_s"], 2
-                )
-    print(json.dumps(summary))
+
+def run_engine_alone(model: str, args: argparse.Namespace) -> dict:
+    """The replica's engine in this process, loaded as the replica loads it (one CPU thread
+    for one CPU per replica), under the same load without Serve, HTTP or the client."""
+    import torch
+
+    from dolly_ray.continuous_batching import ContinuousBatcher
+    from dolly_ray.generation import InstructionGenerator
+
+    torch.set_num_threads(max(1, int(args.num_cpus_per_replica)))
+    batcher = ContinuousBatcher(InstructionGenerator.from_pretrained(model), max_requests_per_batch=args.max_batch_size)
+    runs: dict[str, dict] = {}
+    try:
+        load_engine(batcher, 4, 8, args.max_new_tokens, stream=True)  # warm up
+        for stream in (True, False):
+            label = f"continuous-no-http, {'streamed' if stream else 'whole'}"
+            runs[label] = {}
+            for concurrency in args.concurrency:
+                result = load_engine(batcher, concurrency, max(16, concurrency * args.requests_per_client), args.max_new_tokens, stream)
+                runs[label][str(concurrency)] = result
+                print(f"{label:30s} concurrency={concurrency:<3d} " + "  ".join(f"{k} {v}" for k, v in result.items() if k != "requests"), flush=True)
+    finally:
+        batcher.stop()
+    return runs
 
 
 def _deployment_options(app) -> dict:

@@ -213,28 +213,28 @@ def _infer_column(values: list) -> pa.Array:
     return _as_text(values) if pa.types.is_null(array.type) else array
 
 
-def _rows(batch: pa.Table, valid_unicode: bool = False) -> tuple[list[str], list[dict]]:
-    """The original records of an output batch, with result-name clashes renamed
-    (and, if ``valid_unicode``, lone surrogates replaced: such rows carry an error)."""
+def _rows(batch: pa.Table, results: pa.Schema = RESULT_SCHEMA, valid_unicode: bool = False) -> tuple[list[str], list[dict]]:
+    """The original records of an output batch, with columns named like a result renamed
+    original_<name> (and, if ``valid_unicode``, lone surrogates replaced: such rows carry an error)."""
     records = [json.loads(text) for text in batch["__record"].to_pylist()]
     if valid_unicode:
         records = [_without_lone_surrogates(record) for record in records]
     names: dict[str, None] = {}
     for record in records:
         for name in list(record):
-            if name in RESULT_SCHEMA.names:
+            if name in results.names:
                 record[f"original_{name}"] = record.pop(name)
         names.update(dict.fromkeys(record))
     return list(names), records
 
 
 class _JsonlWriter:
-    def __init__(self, stream):
-        self.stream = stream
+    def __init__(self, stream, results: pa.Schema):
+        self.stream, self.results = stream, results
 
     def write(self, batch: pa.Table) -> None:
-        _, records = _rows(batch)
-        results = batch.select(RESULT_SCHEMA.names).to_pylist()
+        _, records = _rows(batch, self.results)
+        results = batch.select(self.results.names).to_pylist()
         lines = (json.dumps({**record, **result}, ensure_ascii=False) + "\n" for record, result in zip(records, results))
         # A lone surrogate can only sit inside a JSON string, where backslashreplace
         # writes it back as the very "\udXXX" escape the input had.
@@ -247,19 +247,19 @@ class _JsonlWriter:
 class _ParquetWriter:
     """One Parquet file; the first batch fixes the schema, later batches must fit it."""
 
-    def __init__(self, stream):
-        self.stream, self.writer, self.rows = stream, None, 0
+    def __init__(self, stream, results: pa.Schema):
+        self.stream, self.results, self.writer, self.rows = stream, results, None, 0
 
     def write(self, batch: pa.Table) -> None:
         import pyarrow.parquet as pq
 
         if batch.num_rows == 0:
             return
-        names, records = _rows(batch, valid_unicode=True)
+        names, records = _rows(batch, self.results, valid_unicode=True)
         if self.writer is None:
             arrays = [_infer_column([r.get(n) for r in records]) for n in names]
             originals = pa.Table.from_arrays(arrays, names=names) if names else pa.table({})
-            self.writer = pq.ParquetWriter(self.stream, pa.unify_schemas([originals.schema, RESULT_SCHEMA]))
+            self.writer = pq.ParquetWriter(self.stream, pa.unify_schemas([originals.schema, self.results]))
         schema = self.writer.schema
         unknown = [n for n in names if n not in schema.names]
         if unknown:
@@ -267,9 +267,9 @@ class _ParquetWriter:
                 f"column(s) {unknown} first appear after row {self.rows}; Parquet needs one schema "
                 "for the whole file: write JSONL (.jsonl) instead"
             )
-        originals = [field for field in schema if field.name not in RESULT_SCHEMA.names]
+        originals = [field for field in schema if field.name not in self.results.names]
         arrays = [self._column(field, [r.get(field.name) for r in records]) for field in originals]
-        arrays += [batch[name].combine_chunks() for name in RESULT_SCHEMA.names]
+        arrays += [batch[name].combine_chunks() for name in self.results.names]
         self.writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
         self.rows += batch.num_rows
 
@@ -288,7 +288,7 @@ class _ParquetWriter:
         import pyarrow.parquet as pq
 
         if self.writer is None:  # no rows at all: still a valid, empty Parquet file
-            self.writer = pq.ParquetWriter(self.stream, RESULT_SCHEMA)
+            self.writer = pq.ParquetWriter(self.stream, self.results)
         self.writer.close()
 
 
@@ -334,6 +334,15 @@ def check(config: BatchConfig) -> Columns:
 
 def run(config: BatchConfig) -> dict[str, Any]:
     """Generate a response for every input row and write them; return the job's summary."""
+    with answered(config) as dataset, cluster.log_pending("batch generation"):
+        return write(dataset, config.output, output_format(config))
+
+
+@contextlib.contextmanager
+def answered(config: BatchConfig) -> Iterator[Any]:
+    """Check, start Ray, and yield the lazy Ray Dataset of every input row with its
+    answer: ``__record`` (the row as JSON text) and the RESULT_SCHEMA columns, in input
+    order while the block lasts. ``run`` writes it; the evaluation job scores it."""
     import ray.data
 
     columns = check(config)
@@ -354,9 +363,9 @@ def run(config: BatchConfig) -> dict[str, Any]:
         # Blocks of rows_per_call rows, so that every actor gets a share of even one file.
         requests = read_requests(config.input, columns, fmt, config.split).repartition(target_num_rows_per_block=rows_per_call)
         if engine == "vllm":
-            with cluster.log_pending("batch generation"):
-                return _write(vllm_engine.generate(requests, config, num_gpus, num_cpus), config.output, fmt)
-        dataset = requests.map_batches(
+            yield vllm_engine.generate(requests, config, num_gpus, num_cpus)
+            return
+        yield requests.map_batches(
             Generate,
             fn_constructor_args=(config, "cuda" if num_gpus > 0 else "cpu"),
             batch_size=rows_per_call,
@@ -368,14 +377,13 @@ def run(config: BatchConfig) -> dict[str, Any]:
             num_cpus=num_cpus,
             udf_modifying_row_count=False,
         )
-        with cluster.log_pending("batch generation"):
-            return _write(dataset, config.output, fmt)
     finally:
         context.execution_options.preserve_order = preserve_order
 
 
-def _write(dataset, output: str, fmt: str) -> dict[str, Any]:
-    """Stream the output blocks into one file (renamed into place once complete) and count."""
+def write(dataset, output: str, fmt: str, results: pa.Schema = RESULT_SCHEMA) -> dict[str, Any]:
+    """Stream the output blocks into one file (renamed into place once complete) and count.
+    Each row is its record's columns and then the ``results`` columns."""
     summary = {"rows": 0, "errors": 0, "stopped": 0, "truncated": 0, "prompt_tokens": 0, "generated_tokens": 0}
     first_error = None
     filesystem, where = storage.output_filesystem(output)
@@ -384,9 +392,9 @@ def _write(dataset, output: str, fmt: str) -> dict[str, Any]:
     try:
         # closing: a write that fails mid-way must stop the pipeline and free its actors now.
         with filesystem.open_output_stream(partial) as stream, contextlib.closing(_batches(dataset)) as batches:
-            writer = _JsonlWriter(stream) if fmt == "jsonl" else _ParquetWriter(stream)
+            writer = (_JsonlWriter if fmt == "jsonl" else _ParquetWriter)(stream, results)
             for batch in batches:
-                batch = _output_columns(batch)
+                batch = _output_columns(batch, results)
                 writer.write(batch)
                 errors = batch["error"].to_pylist()
                 if first_error is None:
@@ -414,11 +422,11 @@ def _write(dataset, output: str, fmt: str) -> dict[str, Any]:
     return summary
 
 
-def _output_columns(batch: pa.Table) -> pa.Table:
+def _output_columns(batch: pa.Table, results: pa.Schema) -> pa.Table:
     """The record and the result columns in their types (an engine may hand back a column
     of nulls, or extra columns of its own)."""
-    columns = [batch["__record"]] + [batch[f.name].cast(f.type) for f in RESULT_SCHEMA]
-    return pa.Table.from_arrays(columns, names=["__record", *RESULT_SCHEMA.names])
+    columns = [batch["__record"]] + [batch[f.name].cast(f.type) for f in results]
+    return pa.Table.from_arrays(columns, names=["__record", *results.names])
 
 
 def actor_request(num_actors: int, num_cpus: float, num_gpus: float) -> cluster.Request:

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from dolly_ray import generation, prompts, storage
+from dolly_ray import generation, prompts, scoring, storage
 
 DEEPSPEED_DIR = "deepspeed"
 HF_DIR = "hf"
@@ -69,24 +69,36 @@ def read_history(directory: str | Path) -> list[dict]:
 
 
 def plot_loss_curve(history: list[dict], path: str | Path) -> None:
-    """Train and eval loss against optimizer step, as a PNG."""
+    """Train and eval loss against optimizer step, as a PNG; with ``--eval-generate``, a
+    second panel holds the answers' exact match, ROUGE-L and share stopped at ``### End``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("train_loss", "train"), ("eval_loss", "eval")):
-        points = [(row["step"], row[key]) for row in history if row.get(key) is not None]
-        if points:
-            steps, values = zip(*points)
-            ax.plot(steps, values, marker="o" if key == "eval_loss" else None, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    answer_figures = [(f"eval_{name}", name.replace("_", " ")) for name in scoring.FIGURES]
+    scored = any(row.get(key) is not None for row in history for key, _ in answer_figures)
+    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(13 if scored else 7, 4), squeeze=False)
+    loss, answers = axes[0][0], axes[0][-1]
+    _plot(loss, history, (("train_loss", "train"), ("eval_loss", "eval")))
+    loss.set_ylabel("loss")
+    loss.set_yscale("log")
+    if scored:
+        _plot(answers, history, answer_figures, marker="o")
+        answers.set_ylabel("held-out answers")
+        answers.set_ylim(-0.02, 1.02)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot(ax, history: list[dict], series, marker=None) -> None:
+    for key, label in series:
+        points = [(row["step"], row[key]) for row in history if row.get(key) is not None]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker=marker or ("o" if key == "eval_loss" else None), label=label)
+    ax.set_xlabel("optimizer step")
+    ax.grid(True, alpha=0.3)
+    ax.legend()

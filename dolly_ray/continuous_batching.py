@@ -15,6 +15,7 @@ import asyncio
 import bisect
 import collections
 import math
+import time
 import uuid
 from typing import AsyncIterator
 
@@ -26,10 +27,16 @@ from dolly_ray.generation import GenerationParams, GenerationResult, Instruction
 # tokens per step, with an attention mask of that many rows over the whole cache.
 CPU_KV_CACHE_GIB = 1.0
 CPU_MAX_BATCH_TOKENS = 512
+# The start-up check's one token: generous, since a replica may start on a busy machine.
+FIRST_TOKEN_TIMEOUT_S = 120
 
 
 class GenerationFailed(RuntimeError):
     """The generation loop reported an error for a request."""
+
+
+class Unsupported(RuntimeError):
+    """The model cannot run in transformers' continuous batching (its first token failed)."""
 
 
 def kv_cache_blocks(model, gib: float, page_size: int) -> int:
@@ -44,6 +51,8 @@ def kv_cache_blocks(model, gib: float, page_size: int) -> int:
 
 class ContinuousBatcher:
     """One generation loop over one loaded model; ``generate`` may be awaited from many tasks at once."""
+
+    batching = "continuous"
 
     def __init__(self, generator: InstructionGenerator, *, max_requests_per_batch: int = 16, kv_cache_gib: float | None = None):
         """``kv_cache_gib``: the KV cache's size; None leaves it to transformers on a GPU (most
@@ -74,6 +83,21 @@ class ContinuousBatcher:
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.lifespans: collections.deque[tuple[float, float]] = collections.deque(maxlen=1024)
         self.running = self.cancelled = 0
+        self._first_token()
+
+    def _first_token(self) -> None:
+        """One greedy token through the loop before any request, so that a model whose
+        attention cannot use the paged cache (GPT-NeoX's does not hand it the forward's
+        arguments) fails here, with ``Unsupported``, and not on a client's request."""
+        [ids], _ = self.generator.prepare(["Say hi."], GenerationParams(greedy=True, max_new_tokens=1))
+        request_id = self.manager.add_request(ids, max_new_tokens=1, eos_token_id=[self.generator.ids.end], **self.sampling(GenerationParams(greedy=True)))
+        deadline, output = time.monotonic() + FIRST_TOKEN_TIMEOUT_S, None
+        while output is None and self.manager.is_running() and time.monotonic() < deadline:  # a loop that died answers nothing
+            output = self.manager.get_result(request_id=request_id, timeout=1)
+        if output is None or output.error is not None:
+            self.stop()  # also gives the model back its own attention implementation
+            reason = "no answer in time" if output is None else output.error
+            raise Unsupported(f"{type(self.generator.model).__name__} cannot run in transformers' continuous batching: {reason}")
 
     def is_running(self) -> bool:
         return self.manager.is_running()

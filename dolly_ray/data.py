@@ -27,6 +27,7 @@ from dolly_ray.sources import SCHEMAS, DataError, iterate, read_records
 logger = logging.getLogger(__name__)
 
 TRAINING_COLUMNS = ["input_ids", "labels", "num_tokens"]
+EVAL_TEXT_COLUMNS = ["instruction", "input", "output"]
 
 
 @dataclass
@@ -91,7 +92,8 @@ def _files_stamp(path: str) -> float:
 
 
 def tokenize_batch(batch: pa.Table, *, tokenizer: str, max_length: int, seed: int, eval_fraction: float, trust_remote_code: bool = False) -> pa.Table:
-    """map_batches function: validated records -> token ids, labels, length and split."""
+    """map_batches function: validated records -> token ids, labels, length and split; held-out
+    records keep their text too, for answering them during training (``eval_records``)."""
     records = batch.to_pylist()
     usable = [i for i, r in enumerate(records) if not r["skip_reason"]]
     loaded = _tokenizer(tokenizer, trust_remote_code, _files_stamp(tokenizer))
@@ -117,6 +119,7 @@ def tokenize_batch(batch: pa.Table, *, tokenizer: str, max_length: int, seed: in
             "labels": pa.array(label_ids, pa.list_(pa.int32())),
             "num_tokens": pa.array([len(ids) for ids in input_ids], pa.int32()),
             "is_eval": pa.array(is_eval, pa.bool_()),
+            **{key: pa.array([r[key] if e else None for r, e in zip(records, is_eval)], pa.string()) for key in EVAL_TEXT_COLUMNS},
         }
     )
 
@@ -161,11 +164,11 @@ class PreparedData:
         self.records = self.records.materialize()
         return self
 
-    def _usable(self, is_eval: bool):
+    def _usable(self, is_eval: bool, columns: list[str] = TRAINING_COLUMNS):
         from ray.data.expressions import col
 
         usable = (col("skip_reason") == "") & (col("is_eval") == is_eval)
-        return self.records.filter(expr=usable).select_columns(TRAINING_COLUMNS)
+        return self.records.filter(expr=usable).select_columns(columns)
 
     @property
     def train(self):
@@ -174,6 +177,11 @@ class PreparedData:
     @property
     def eval(self):
         return self._usable(True)
+
+    def eval_records(self, n: int) -> list[dict]:
+        """The first ``n`` usable held-out records as text (instruction, input, output), in
+        the source's order: the same ones on every run of the same data and seed."""
+        return self._usable(True, EVAL_TEXT_COLUMNS).take(n) if n else []
 
     def report(self) -> DataReport:
         """One streaming pass that counts rows and skips; only small columns reach the driver.

@@ -85,10 +85,17 @@ class InstructionServer:
         self.created = int(time.time())
 
     def start_engine(self, generator):
-        """What answers requests: anything with ``ContinuousBatcher``'s methods (a benchmark swaps in another)."""
-        from dolly_ray.continuous_batching import ContinuousBatcher
+        """What answers requests: continuous batching, or static batching for a model that
+        cannot run in it. Anything with ``ContinuousBatcher``'s methods will do (a benchmark
+        swaps in another)."""
+        from dolly_ray import continuous_batching
+        from dolly_ray.static_batching import StaticBatcher
 
-        return ContinuousBatcher(generator, max_requests_per_batch=self.config.max_batch_size, kv_cache_gib=self.config.kv_cache_gib)
+        try:
+            return continuous_batching.ContinuousBatcher(generator, max_requests_per_batch=self.config.max_batch_size, kv_cache_gib=self.config.kv_cache_gib)
+        except continuous_batching.Unsupported as e:
+            logger.warning("%s; serving with static batching (a stream gets its text when its batch ends)", e)
+            return StaticBatcher(generator, self.config.max_batch_size)
 
     def check_health(self) -> None:
         """Ray Serve restarts a replica whose generation loop has died."""
@@ -165,6 +172,7 @@ class InstructionServer:
         """This replica's counters: how many requests shared the running batch."""
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
+            "batching": self.engine.batching,
             "max_batch_size": self.config.max_batch_size,
             "requests": self.requests,
             "streams": self.streams,

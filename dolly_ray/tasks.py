@@ -139,13 +139,3 @@ def write_jsonl(records: Iterable[Record], path: str | Path) -> Path:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
 
-
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Fraction of predictions equal to their reference after trimming whitespace."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
-        return 0.0
-    hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
-    return hits / len(references)
-

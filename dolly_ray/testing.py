@@ -1,4 +1,4 @@
-"""Tiny local stand-ins for tests, benchmarks and the demo: GPT-J and its tokenizer, an
+"""Tiny local stand-ins for tests, benchmarks and the demo: models of each family and a tokenizer, an
 S3-compatible server, and Ray clusters of hand-started nodes.
 
 The model and tokenizer are written with ``save_pretrained`` so every code path loads
@@ -60,9 +60,21 @@ def english_corpus(records: list[dict]) -> list[str]:
     return ["\n".join(r[key] for key in ("instruction", "input", "output") if r.get(key)) for r in records]
 
 
+# Tiny configs of the families people fine-tune: (config class, its own field names for
+# the shape). Llama, Mistral and Qwen2 use grouped-query attention here (half the heads
+# for keys and values) and no spare embedding rows, so adding the prompt keys resizes
+# them; Qwen2 ties its input and output embeddings, as Qwen2-0.5B does.
+FAMILIES = ("gptj", "gpt_neox", "llama", "mistral", "qwen2")
+# Shorter than the longest task records, so that Mistral's sliding window really slides,
+# and longer than their prompts, so that an answer could see into the record packed
+# before it if packing leaked.
+MISTRAL_SLIDING_WINDOW = 48
+
+
 def build_model(
     path: str | Path,
     *,
+    family: str = "gptj",
     n_layer: int = 2,
     n_embd: int = 64,
     head_dim: int = 32,
@@ -72,29 +84,48 @@ def build_model(
     tokenizer_corpus: list[str] | None = None,
     tokenizer_vocab_size: int = 400,
 ) -> Path:
-    """Write a randomly initialised GPT-J and a tiny tokenizer to ``path`` (safetensors).
+    """Write a randomly initialised model of ``family`` and a tiny tokenizer to ``path`` (safetensors).
 
     ``tokenizer_corpus`` and ``tokenizer_vocab_size`` go to ``build_tokenizer``. Like
-    GPT-J's, the embeddings have spare rows for the prompt keys the project adds.
+    GPT-J's and Pythia's, their embeddings have spare rows for the prompt keys the
+    project adds (``vocab_size``); the Llama-style ones have exactly the tokenizer's rows.
     """
     import torch
-    from transformers import GPTJConfig, GPTJForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     tokenizer = build_tokenizer(path, vocab_size=tokenizer_vocab_size, corpus=tokenizer_corpus)
-    config = GPTJConfig(
-        vocab_size=max(vocab_size, len(tokenizer) + len(prompts.SPECIAL_TOKENS)),
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_embd // head_dim,
-        rotary_dim=min(16, head_dim),
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = model_config(family, len(tokenizer), n_layer=n_layer, n_embd=n_embd, head_dim=head_dim, n_positions=n_positions, vocab_size=vocab_size)
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(seed)
-    GPTJForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+def model_config(family: str, tokenizer_size: int, *, n_layer: int, n_embd: int, head_dim: int, n_positions: int, vocab_size: int):
+    """The transformers config of a tiny ``family`` model (see ``FAMILIES``)."""
+    from transformers import GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    heads = n_embd // head_dim
+    spare_rows = max(vocab_size, tokenizer_size + len(prompts.SPECIAL_TOKENS))
+    if family == "gptj":
+        return GPTJConfig(vocab_size=spare_rows, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=heads, rotary_dim=min(16, head_dim))
+    if family == "gpt_neox":
+        return GPTNeoXConfig(
+            vocab_size=spare_rows, max_position_embeddings=n_positions, hidden_size=n_embd, num_hidden_layers=n_layer,
+            num_attention_heads=heads, intermediate_size=4 * n_embd, rotary_pct=0.25, tie_word_embeddings=False,
+        )
+    llama_style = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+    if family not in llama_style:
+        raise ValueError(f"unknown model family {family!r}; choose from {', '.join(FAMILIES)}")
+    config = llama_style[family](
+        vocab_size=tokenizer_size, max_position_embeddings=n_positions, hidden_size=n_embd, num_hidden_layers=n_layer,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=head_dim, intermediate_size=3 * n_embd,
+        tie_word_embeddings=family == "qwen2",
+    )
+    if family == "mistral":
+        config.sliding_window = MISTRAL_SLIDING_WINDOW
+    return config
 
 
 def cpu_train_config(model: str | Path, dataset: str | Path, storage_path: str | Path, name: str, **overrides):
@@ -113,11 +144,45 @@ def cpu_train_config(model: str | Path, dataset: str | Path, storage_path: str |
     )
 
 
+def run_job_here(name: str, args: list[str]) -> tuple[int, str]:
+    """``jobs/<name>.py`` with ``args``, under its own error handling but in this process:
+    (exit status, stderr). For checks of flags and one-line errors, where a new
+    interpreter would cost seconds of imports per case."""
+    import contextlib
+    import importlib.util
+    import io
+
+    from dolly_ray import cli
+
+    spec = importlib.util.spec_from_file_location(f"jobs_{name}", REPO / "jobs" / f"{name}.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    stderr, argv = io.StringIO(), sys.argv
+    sys.argv = [f"jobs/{name}.py", *args]
+    try:
+        with contextlib.redirect_stderr(stderr):
+            cli.run_main(job.main)
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = argv
+    return status, stderr.getvalue()
+
+
+# Ports a Ray node takes by default (GCS, dashboard, its agent, client server, Serve):
+# free now, they may be taken by a Ray that starts after the port is chosen.
+RAY_DEFAULT_PORTS = {6379, 8000, 8265, 10001, 52365}
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now (and no Ray takes by default)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 class S3Server:

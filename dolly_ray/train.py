@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import math
 import queue
 import shutil
 import tempfile
@@ -26,13 +27,16 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
-from dolly_ray import batching, cluster, data, deepspeed_config, generation, labels, memory_plan, prompts, storage
+from dolly_ray import batching, cluster, data, deepspeed_config, generation, labels, memory_plan, prompts, scoring, storage
 from dolly_ray import checkpoint as ckpt
 from dolly_ray.cli import ConfigError
 from dolly_ray.engine import build_engine
 from dolly_ray.train_config import DEFAULT_CPUS_PER_WORKER, StepPlan, TrainConfig, plan_steps, stop_step
 
 logger = logging.getLogger(__name__)
+
+# Held-out records answered per generate call by --eval-generate.
+ANSWER_BATCH_SIZE = 8
 
 
 class DeterministicSplit(ray.train.DataConfig):
@@ -81,11 +85,13 @@ def run(config: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"the run does not fit: {memory.summary()}; {memory_plan.advice(memory, **fixed)}")
     config = settled
     cluster.check_fits(worker_request(config))
-    report, train_ds, eval_ds = prepare_datasets(config)
+    report, train_ds, eval_ds, answered = prepare_datasets(config)
     plan = plan_steps(config, train_ds.count(), eval_ds.count())
     logger.info("plan: %s optimizer steps, %s micro-batches per epoch per worker", plan.total_steps, plan.micro_batches_per_epoch)
+    if len(answered) < config.eval_generate:
+        logger.warning("--eval-generate %d: only %d held-out records to answer", config.eval_generate, len(answered))
     with cluster.log_pending(f"training run {config.name!r}"):
-        result = make_trainer(config, plan, train_ds, eval_ds).fit()
+        result = make_trainer(config, plan, train_ds, eval_ds, answered).fit()
     return run_summary(result, report, config)
 
 
@@ -152,13 +158,14 @@ def dry_run(config: TrainConfig, memory: memory_plan.MemoryPlan | None) -> dict[
     if storage.is_hub_id(config.dataset):
         logger.info("dry run: hub dataset %s not read; pass a local or remote copy for its token count", config.dataset)
     else:
-        _, train_ds, _ = prepare_datasets(config)
+        _, train_ds, _, _ = prepare_datasets(config)
         memory = memory.with_epoch_tokens(int(train_ds.sum("num_tokens")))
     return {"dry_run": True, **memory.as_dict()}
 
 
-def prepare_datasets(config: TrainConfig) -> tuple[data.DataReport, Any, Any]:
-    """The data report and the materialized train and eval rows, as workers will batch them.
+def prepare_datasets(config: TrainConfig) -> tuple[data.DataReport, Any, Any, list[dict]]:
+    """The data report, the materialized train and eval rows as workers will batch them,
+    and the held-out records ``--eval-generate`` answers.
 
     Packing (for ``batching=pack``) happens here, so the plan counts the rows workers get.
     """
@@ -172,13 +179,14 @@ def prepare_datasets(config: TrainConfig) -> tuple[data.DataReport, Any, Any]:
         batching.prepare(rows, config.batching, config.max_length, response_id, config.seed).materialize()
         for rows in (prepared.train, prepared.eval)
     )
-    return report, train_ds, eval_ds
+    return report, train_ds, eval_ds, prepared.eval_records(config.eval_generate)
 
 
-def make_trainer(config: TrainConfig, plan: StepPlan, train_ds, eval_ds) -> TorchTrainer:
+def make_trainer(config: TrainConfig, plan: StepPlan, train_ds, eval_ds, answered: list[dict]) -> TorchTrainer:
+    """``answered``: the held-out records each evaluation answers (``--eval-generate``)."""
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": dataclasses.asdict(config), "plan": dataclasses.asdict(plan)},
+        train_loop_config={"config": dataclasses.asdict(config), "plan": dataclasses.asdict(plan), "answered": answered},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
@@ -235,7 +243,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point on every worker: build, restore, then train to the stop step,
     reporting on the log, eval and checkpoint cadences."""
     _log_to_job()
-    config, plan = TrainConfig(**loop_config["config"]), StepPlan(**loop_config["plan"])
+    config, plan, answered = TrainConfig(**loop_config["config"]), StepPlan(**loop_config["plan"]), loop_config["answered"]
     context = ray.train.get_context()
     engine, tokenizer, preset = build_engine(config, plan, context.get_world_size())
     progress = restore(engine)
@@ -255,6 +263,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics = window.metrics(engine, epoch=progress.micro_batches_done / plan.micro_batches_per_epoch)
             if evaluating:
                 metrics["eval_loss"] = evaluate(engine, config, plan, tokenizer.pad_token_id)
+                metrics.update(score_answers(engine, tokenizer, answered, config.eval_generate_max_new_tokens))
             if final:
                 metrics.update(final_metrics(engine, config, plan, tokenizer, preset))
             if saving:
@@ -436,6 +445,33 @@ def evaluate(engine, config: TrainConfig, plan: StepPlan, pad_token_id: int) -> 
     engine.train()
     loss_sum, tokens = all_reduce_sum(engine.device, loss_sum, tokens)
     return loss_sum / max(tokens, 1.0)
+
+
+@torch.no_grad()
+def score_answers(engine, tokenizer, records: list[dict], max_new_tokens: int) -> dict[str, float]:
+    """Greedy answers to the held-out ``records``, scored against their outputs (see
+    ``scoring``) as ``eval_exact_match``, ``eval_rouge_l`` and ``eval_stopped_at_end``.
+
+    Each rank answers its share, padded to the same count so every rank makes the same
+    generate calls; transformers keeps ZeRO-3 ranks stepping together inside each call
+    (``synced_gpus``) until the longest answer on any rank ends.
+    """
+    from dolly_ray.generation import GenerationParams, InstructionGenerator
+
+    if not records:
+        return {}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = records[rank::world]
+    padded = share + [records[0]] * (math.ceil(len(records) / world) - len(share))
+    results = InstructionGenerator(engine.module, tokenizer).generate(
+        [{"instruction": r["instruction"], "input": r["input"]} for r in padded],
+        GenerationParams(greedy=True, max_new_tokens=max_new_tokens),
+        batch_size=ANSWER_BATCH_SIZE,
+    )
+    mine = [scoring.score(result.response, record["output"], result.finish_reason) for record, result in zip(share, results)]
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return {f"eval_{name}": value for name, value in scoring.means([s for part in every for s in part]).items()}
 
 
 def final_metrics(engine, config: TrainConfig, plan: StepPlan, tokenizer, preset: str) -> dict[str, Any]:

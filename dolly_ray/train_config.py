@@ -45,6 +45,8 @@ class TrainConfig:
     # How often.
     log_every: int = option(10, "report metrics every N optimizer steps")
     eval_every: int = option(100, "eval loss every N steps (0: only at the end)")
+    eval_generate: int = option(0, "at each eval, also answer this many held-out records greedily (the same ones every time) and report exact match, ROUGE-L and the share stopped at ### End (0: off)")
+    eval_generate_max_new_tokens: int = option(128, "longest answer --eval-generate lets the model write, in tokens")
     checkpoint_every: int = option(200, "checkpoint every N steps (0: only at the end)")
     hf_model_every_checkpoint: bool = option(False, "also write the Hugging Face model at every checkpoint, not only the last")
     # Where and on what.
@@ -67,7 +69,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.use_gpu = deepspeed_config.check_preset(self.preset, self.use_gpu, self.accelerator_type)
-        check_at_least(self, 1, "epochs", "micro_batch_size", "gradient_accumulation_steps", "num_workers", "max_length", "log_every")
+        check_at_least(self, 1, "epochs", "micro_batch_size", "gradient_accumulation_steps", "num_workers", "max_length", "log_every", "eval_generate_max_new_tokens")
+        check_at_least(self, 0, "eval_generate")
         check_at_least(self, 0.01, "cpus_per_worker", "gpu_memory_gib")
         batching.check_strategy(self.batching)
         if self.checkpoint_upload not in ("async", "sync"):

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny GPT-J on disk, project-made task files, and a local Ray."""
+"""Shared fixtures: a tiny GPT-J (and a tiny model of each family) on disk, project-made task files, and a local Ray."""
 
 import os
 
@@ -16,6 +16,20 @@ from dolly_ray import tasks, testing  # noqa: E402
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised 2-layer GPT-J and its byte-level BPE tokenizer, saved like a hub model."""
     return str(testing.build_model(tmp_path_factory.mktemp("tiny-gptj")))
+
+
+@pytest.fixture(scope="session")
+def family_model_dir(tmp_path_factory):
+    """``family_model_dir(family)``: a tiny model of that family (``testing.FAMILIES``) with
+    the tests' tokenizer, built once per session on first use."""
+    built: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            built[family] = str(testing.build_model(tmp_path_factory.mktemp(f"tiny-{family}"), family=family))
+        return built[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +54,32 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference_run(ray_local, tiny_model_dir, tmp_path_factory):
+    """A tiny GPT-J run that the resume and worker-kill tests interrupt and compare with:
+    2 epochs of 12 optimizer steps, a checkpoint every 3 steps, eval loss and 6 held-out
+    answers scored every 4. ``config(name, **overrides)`` builds the same run under
+    another name in ``storage``; ``summary`` is the uninterrupted run's (with TensorBoard
+    logs under ``tensorboard``)."""
+    import types
+
+    from dolly_ray import train
+
+    storage = tmp_path_factory.mktemp("reference")
+    dataset = tasks.write_jsonl(tasks.generate(200, seed=5), storage / "tasks.jsonl")
+
+    def config(name, **overrides):
+        settings = dict(
+            epochs=2, micro_batch_size=4, learning_rate=2e-3, warmup_steps=3, log_every=1, checkpoint_every=3,
+            eval_every=4, eval_generate=6, eval_generate_max_new_tokens=12,
+        )  # fmt: skip
+        return testing.cpu_train_config(tiny_model_dir, dataset, storage, name, **{**settings, **overrides})
+
+    tensorboard = storage / "tensorboard"
+    summary = train.run(config("uninterrupted", tensorboard_dir=str(tensorboard)))
+    return types.SimpleNamespace(config=config, storage=storage, summary=summary, tensorboard=tensorboard / "uninterrupted")
 
 
 @pytest.fixture(scope="module")

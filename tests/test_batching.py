@@ -24,13 +24,17 @@ def _column(values):
     return column
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_model_dir):
+def _loaded(model_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model.resize_token_embeddings(len(prompts.load_tokenizer(tiny_model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.resize_token_embeddings(len(prompts.load_tokenizer(model_dir)))
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    return _loaded(tiny_model_dir)
 
 
 def _token_losses(model, batch):
@@ -64,10 +68,17 @@ def test_packed_rows_mix_records_of_every_length():
     assert rows != batching.pack_lengths(lengths, 1024, seed=1)  # the seed decides
 
 
-def test_packed_forward_gives_the_same_losses_and_gradients(tiny_model, tiny_model_dir):
-    ids, record_labels = _tokenized(tasks.generate(24, seed=3), tiny_model_dir, max_length=256)
+@pytest.mark.parametrize("family", testing.FAMILIES)
+def test_packed_forward_gives_the_same_losses_and_gradients(family, family_model_dir):
+    """For every family: restarting position ids isolate packed records (transformers
+    builds the block-diagonal mask from them), so packing changes no record's loss."""
+    model_dir = family_model_dir(family)
+    tiny_model = _loaded(model_dir)
+    ids, record_labels = _tokenized(tasks.generate(24, seed=3), model_dir, max_length=256)
     lengths = np.array([len(x) for x in ids])
-    response_id = prompts.load_tokenizer(tiny_model_dir).convert_tokens_to_ids(prompts.RESPONSE_KEY)
+    if family == "mistral":  # its sliding window slides within the longer records
+        assert lengths.max() > tiny_model.config.sliding_window
+    response_id = prompts.load_tokenizer(model_dir).convert_tokens_to_ids(prompts.RESPONSE_KEY)
     padded = batching.PaddedRecordsCollator(0)({"input_ids": _column(ids), "labels": _column(record_labels)})
     packed_rows = batching.pack_batch({"input_ids": _column(ids), "num_tokens": lengths}, max_length=256, response_id=response_id)
     assert packed_rows.num_rows < len(ids) / 3  # several records share each row
@@ -151,20 +162,19 @@ def test_packing_refuses_attention_that_ignores_positions(tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", [s for s in batching.STRATEGIES if s != "pad"])
-def test_distributed_training_with_each_batching(strategy, ray_local, tiny_model_dir, tmp_path):
-    """group and pack under Ray Train + ZeRO-3. pad is left to the learning test, whose
-    demo run trains with it and must cut the loss fourfold."""
+def test_distributed_training_with_group_batching(ray_local, tiny_model_dir, tmp_path):
+    """group under Ray Train + ZeRO-3. pack is the default of the reference run (the resume
+    and worker-kill tests) and trains every family (test_families); pad is the demo's."""
     dataset = tasks.write_jsonl(tasks.generate(160, seed=11), tmp_path / "tasks.jsonl")
     summary = train.run(
         testing.cpu_train_config(
             tiny_model_dir,
             dataset,
             tmp_path / "runs",
-            f"batching-{strategy}",
-            batching=strategy,
+            "batching-group",
+            batching="group",
             max_steps=6,
-            micro_batch_size=2 if strategy == "pack" else 8,
+            micro_batch_size=8,
             learning_rate=2e-3,
             warmup_steps=1,
             log_every=1,

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dolly_ray import cli, generation, tasks, train
+from dolly_ray import cli, generation, tasks, testing, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,10 +77,11 @@ def test_help_lists_every_flag_with_its_default():
         (["--config", "no-such-file.yaml"], "error: cannot read config no-such-file.yaml"),
     ],
 )
-def test_bad_arguments_print_one_line(args, message):
-    result = _run_job(*args)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith(message)
+def test_bad_arguments_print_one_line(args, message, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    status, stderr = testing.run_job_here("train", args)  # test_missing_dataset_prints_one_line runs the script
+    assert status == 2
+    assert stderr.strip().splitlines() == [stderr.strip()] and stderr.startswith(message)
 
 
 def test_missing_dataset_prints_one_line(tmp_path, tiny_model_dir):

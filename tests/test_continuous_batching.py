@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from dolly_ray.continuous_batching import ContinuousBatcher, kv_cache_blocks
+from dolly_ray.continuous_batching import ContinuousBatcher, Unsupported, kv_cache_blocks
 from dolly_ray.generation import GenerationParams, GenerationResult, InstructionGenerator
 
 GREEDY = GenerationParams(greedy=True, max_new_tokens=24)
@@ -92,3 +92,43 @@ def test_kv_cache_blocks_fill_the_memory_given(engine):
     blocks = kv_cache_blocks(model, 0.25, 256)
     assert blocks * 256 * bytes_per_token <= 0.25 * 2**30 < (blocks + 1) * 256 * bytes_per_token
     assert kv_cache_blocks(model, 1e-9, 256) == 1
+
+
+def test_a_model_that_cannot_run_in_it_fails_at_start_and_still_generates(family_model_dir):
+    """GPT-NeoX's attention does not hand transformers' paged cache the forward's arguments:
+    the batcher refuses it before any request (Serve then batches statically), and the
+    model keeps its own attention for plain generation."""
+    generator = InstructionGenerator.from_pretrained(family_model_dir("gpt_neox"))
+    [before] = generator.generate(REQUESTS[:1], GREEDY)
+    with pytest.raises(Unsupported, match="GPTNeoXForCausalLM cannot run in transformers' continuous batching"):
+        ContinuousBatcher(generator)
+    assert generator.generate(REQUESTS[:1], GREEDY) == [before]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_llama_style_families_answer_as_the_generator(family, family_model_dir, tmp_path):
+    """Grouped-query attention, Mistral's sliding window (shorter than prompt and answer
+    here) and Qwen2's tied embeddings in the paged cache; the model is the base with rows
+    for the prompt keys, as an export has them."""
+    from transformers import AutoModelForCausalLM
+
+    from dolly_ray import prompts, testing
+
+    base = family_model_dir(family)
+    tokenizer, model = prompts.load_tokenizer(base), AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    generator = InstructionGenerator.from_pretrained(str(tmp_path))
+    expected = generator.generate(REQUESTS[:5], GREEDY, batch_size=1)
+    batcher = ContinuousBatcher(generator)
+    try:
+
+        async def all_at_once():
+            return await asyncio.gather(*(_collect(batcher, r, GREEDY, stream=i % 2 == 0) for i, r in enumerate(REQUESTS[:5])))
+
+        replies = asyncio.run(all_at_once())
+    finally:
+        batcher.stop()
+    assert [items[-1] for items in replies] == expected
+    assert all(e.num_prompt_tokens + e.num_generated_tokens > testing.MISTRAL_SLIDING_WINDOW for e in expected)

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from dolly_ray import checkpoint, tasks, testing, train
+from dolly_ray import checkpoint, train
 
 
 class WorkerKiller(threading.Thread):
@@ -63,7 +63,7 @@ class WorkerKiller(threading.Thread):
 
 
 @pytest.mark.slow
-def test_training_survives_three_worker_kills_without_retraining_a_record(ray_local, tiny_model_dir, tmp_path):
+def test_training_survives_three_worker_kills_without_retraining_a_record(reference_run):
     """Three workers SIGKILLed mid-epoch; the run restarts from its latest checkpoint each time.
 
     Every optimizer step is compared with an uninterrupted run of the same config: the
@@ -72,28 +72,11 @@ def test_training_survives_three_worker_kills_without_retraining_a_record(ray_lo
     weights, so equality is the proof that each record after the restore point was
     trained exactly once.
     """
-    dataset = tasks.write_jsonl(tasks.generate(200, seed=5), tmp_path / "tasks.jsonl")
-
-    def config(name, **overrides):
-        return testing.cpu_train_config(
-            tiny_model_dir,
-            dataset,
-            tmp_path,
-            name,
-            max_steps=12,  # inside the first epoch
-            micro_batch_size=2,
-            learning_rate=2e-3,
-            warmup_steps=3,
-            log_every=1,
-            checkpoint_every=3,
-            **overrides,
-        )
-
-    clean = train.run(config("clean"))
-    killer = WorkerKiller(tmp_path / "faulty", kills=3, before_step=12)
+    clean = reference_run.summary
+    killer = WorkerKiller(reference_run.storage / "faulty", kills=3, before_step=10)
     killer.start()
     try:
-        faulty = train.run(config("faulty", max_failures=3))
+        faulty = train.run(reference_run.config("faulty", max_failures=3))
     finally:
         killer.done.set()
         killer.join()
@@ -101,12 +84,11 @@ def test_training_survives_three_worker_kills_without_retraining_a_record(ray_lo
     assert killer.killed == [3, 6, 9], killer.steps
     # Each restart resumed at the checkpoint it was killed after: the registered steps
     # only ever grow (a restart from scratch would register step 3 again).
-    assert killer.steps == sorted(set(killer.steps)) and killer.steps[-1] == 12, killer.steps
-    assert faulty["finished"] is True and faulty["steps"] == clean["steps"] == 12
-    assert faulty["epoch"] < 1  # the kills were mid-epoch
+    assert killer.steps == sorted(set(killer.steps)) and killer.steps[-1] == 20, killer.steps
+    assert faulty["finished"] is True and faulty["steps"] == clean["steps"] == 20  # 10 steps per epoch: the kills were mid-epoch
 
     clean_history, faulty_history = checkpoint.read_history(clean["checkpoint"]), checkpoint.read_history(faulty["checkpoint"])
-    assert [row["step"] for row in faulty_history] == list(range(1, 13))
+    assert [row["step"] for row in faulty_history] == list(range(1, 21))
     for before, after in zip(clean_history, faulty_history):
         assert after["train_loss"] == pytest.approx(before["train_loss"], rel=1e-4), after["step"]
         assert after["learning_rate"] == pytest.approx(before["learning_rate"], rel=1e-9)

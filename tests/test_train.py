@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from dolly_ray import checkpoint, demo, prompts, tasks, testing, train
+from dolly_ray import checkpoint, data, demo, prompts, scoring, tasks, testing, train
+from dolly_ray.generation import GenerationParams, InstructionGenerator
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,27 @@ def test_tiny_model_learns_heldout_tasks(demo_run):
     history = checkpoint.read_history(demo_run["checkpoint"])
     assert history[-1]["train_loss"] < history[0]["train_loss"] / 4
     assert demo_run["eval_loss"] < history[0]["train_loss"] / 4
+
+
+@pytest.mark.slow
+def test_answers_scored_during_training_equal_a_direct_computation(demo_run):
+    """--eval-generate: the same 32 held-out records answered at every evaluation, and the
+    last evaluation's figures are those of the exported model's answers, scored directly."""
+    history = checkpoint.read_history(demo_run["checkpoint"])
+    evaluations = [row for row in history if "eval_loss" in row]
+    assert len(evaluations) >= 2 and all({"eval_exact_match", "eval_rouge_l", "eval_stopped_at_end"} <= set(row) for row in evaluations)
+    last = evaluations[-1]
+    assert last["eval_exact_match"] >= 0.9 and last["eval_stopped_at_end"] == 1.0
+    assert evaluations[0]["eval_rouge_l"] < last["eval_rouge_l"]  # the answers got better as the loss fell
+    with open(demo_run["dataset"]) as f:
+        records = [json.loads(line) for line in f]
+    # The demo's eval split (its seed 0, 2% held out), in file order, as the run took it.
+    heldout = [r for r in records if data.in_eval_split(r["instruction"], r["input"], r["output"], seed=0, eval_fraction=0.02)][:32]
+    answers = InstructionGenerator.from_pretrained(demo_run["hf_model"]).generate(heldout, GenerationParams(greedy=True, max_new_tokens=24))
+    direct = scoring.means([scoring.score(a.response, r["output"], a.finish_reason) for a, r in zip(answers, heldout)])
+    assert {name: last[f"eval_{name}"] for name in scoring.FIGURES} == pytest.approx(direct)
+    with Image.open(os.path.join(demo_run["hf_model"], checkpoint.LOSS_CURVE_FILE)) as picture:
+        assert picture.size == (1300, 400)  # two panels: the losses and the answers' figures
 
 
 @pytest.mark.slow
@@ -86,37 +109,28 @@ print(json.dumps(answers))
     assert answers == [{"response": s["response"], "stopped": True} for s in samples]
 
 
-def _resume_config(model_dir, dataset, storage, name, **overrides):
-    return testing.cpu_train_config(
-        model_dir,
-        dataset,
-        storage,
-        name,
-        epochs=2,
-        micro_batch_size=8,
-        learning_rate=2e-3,
-        warmup_steps=3,
-        log_every=1,
-        checkpoint_every=4,
-        **overrides,
-    )
-
-
 @pytest.mark.slow
-def test_resume_continues_exactly_where_it_stopped(ray_local, tiny_model_dir, tmp_path):
-    dataset = tasks.write_jsonl(tasks.generate(200, seed=5), tmp_path / "tasks.jsonl")
-    full = train.run(_resume_config(tiny_model_dir, dataset, tmp_path, "uninterrupted", tensorboard_dir=str(tmp_path / "tb")))
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb" / "uninterrupted"))
-    stopped = train.run(_resume_config(tiny_model_dir, dataset, tmp_path, "interrupted", stop_after_steps=5))
+def test_resume_continues_exactly_where_it_stopped(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    full = reference_run.summary
+    events = EventAccumulator(str(reference_run.tensorboard)).Reload()
+    assert {"train_loss", "eval_loss", "eval_exact_match", "eval_rouge_l", "eval_stopped_at_end"} <= set(events.Tags()["scalars"])
+    stopped = train.run(reference_run.config("interrupted", stop_after_steps=5))
     assert stopped["steps"] == 5 and stopped["finished"] is False
-    resumed = train.run(_resume_config(tiny_model_dir, dataset, tmp_path, "interrupted"))
-    assert resumed["finished"] is True and resumed["steps"] == full["steps"] > 5
+    resumed = train.run(reference_run.config("interrupted"))
+    assert resumed["finished"] is True and resumed["steps"] == full["steps"] == 20  # 10 per epoch
+    assert resumed["epoch"] == 2  # resumed in the first epoch, went on through the second
 
     full_history, resumed_history = checkpoint.read_history(full["checkpoint"]), checkpoint.read_history(resumed["checkpoint"])
     assert [row["step"] for row in resumed_history] == list(range(1, full["steps"] + 1))
     for before, after in zip(full_history, resumed_history):
         assert after["learning_rate"] == pytest.approx(before["learning_rate"], rel=1e-9)
         assert after["train_loss"] == pytest.approx(before["train_loss"], rel=1e-4)
+        for name in ("eval_loss", "eval_exact_match", "eval_rouge_l", "eval_stopped_at_end"):  # the same records answered
+            if name in before:  # (the stopped job also evaluated at its last step, 5)
+                assert after[name] == pytest.approx(before[name], rel=1e-4), (name, after["step"])
+    assert sum("eval_rouge_l" in row for row in full_history) >= 3
     full_weights = load_file(os.path.join(full["hf_model"], "model.safetensors"))
     resumed_weights = load_file(os.path.join(resumed["hf_model"], "model.safetensors"))
     assert full_weights.keys() == resumed_weights.keys()

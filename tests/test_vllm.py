@@ -15,7 +15,7 @@ import requests
 
 pytest.importorskip("vllm")
 
-from dolly_ray import prompts, tasks, testing  # noqa: E402
+from dolly_ray import prompts, scoring, testing  # noqa: E402
 from dolly_ray.generation import GenerationParams, InstructionGenerator  # noqa: E402
 from dolly_ray.serve import default_model_name  # noqa: E402
 
@@ -77,7 +77,7 @@ def test_the_vllm_batch_job_answers_as_the_hf_engine_with_one_row_per_input_row(
         ), w
     for at in BAD_ROWS:
         assert written[at]["error"] and written[at]["response"] is None
-    assert tasks.exact_match([w["response"] for w in good], [r["output"] for r in heldout]) >= 0.9
+    assert scoring.exact_match([w["response"] for w in good], [r["output"] for r in heldout]) >= 0.9
 
 
 @pytest.fixture(scope="module")
