@@ -8,6 +8,8 @@ VENV ?= .venv
 LOCK ?= requirements.lock
 VLLM_VENV ?= .venv-vllm
 VLLM_LOCK ?= requirements-vllm.lock
+# Flags for jobs/demo.py, e.g. make demo DEMO_FLAGS="--lora-r 16".
+DEMO_FLAGS ?=
 # The demo run the learning tests train; the vLLM lane answers with its checkpoint.
 DEMO_DIR ?= build/demo
 # The CPU build of PyTorch; on a GPU machine use e.g. TORCH="torch==2.13.0" TORCH_INDEX= (CUDA wheels).
@@ -43,7 +45,7 @@ $(VLLM_VENV)/.installed: pyproject.toml $(VLLM_LOCK)
 setup-vllm: $(VLLM_VENV)/.installed
 
 demo: setup
-	$(BIN)/python jobs/demo.py
+	$(BIN)/python jobs/demo.py $(DEMO_FLAGS)
 
 # The vLLM environment builds in the background while the main suite runs.
 test: setup

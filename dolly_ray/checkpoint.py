@@ -3,8 +3,10 @@
 Layout of one Ray Train checkpoint directory::
 
     deepspeed/   sharded ZeRO-3 state from every rank: exact resume (model, optimizer,
-                 LR schedule, step counter, data position in ``client_state``)
-    hf/          consolidated Hugging Face model (safetensors) + tokenizer with the
+                 LR schedule, step counter, data position in ``client_state``); with
+                 LoRA only the trainable parameters' (the frozen base is the model's own)
+    adapter/     with LoRA: the peft adapter and tokenizer (``lora.load_with_adapter``)
+    hf/          consolidated Hugging Face model (safetensors; with LoRA, merged) + tokenizer with the
                  prompt keys and the Dolly prompt as its chat template + a generation
                  config that stops at ``### End`` + loss curve: what serving and batch
                  generation load, with plain ``transformers`` and no dolly_ray import
@@ -17,10 +19,11 @@ import json
 import os
 from pathlib import Path
 
-from dolly_ray import generation, prompts, scoring, storage
+from dolly_ray import generation, lora, prompts, scoring, storage
 
 DEEPSPEED_DIR = "deepspeed"
 HF_DIR = "hf"
+ADAPTER_DIR = "adapter"
 HISTORY_FILE = "history.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 
@@ -32,16 +35,23 @@ def save(engine, tokenizer, directory: str | Path, *, client_state: dict, with_h
     Both the DeepSpeed save and the 16-bit consolidation are collective operations.
     """
     directory = Path(directory)
-    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag="state", client_state=client_state)
-    is_rank_zero = engine.global_rank == 0
-    if with_hf_model:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()  # also what HF Trainer uses
-        if is_rank_zero:
-            hf_dir = directory / HF_DIR
-            engine.module.generation_config.update(**generation.exported_generation_settings(tokenizer))
-            engine.module.save_pretrained(str(hf_dir), state_dict=state_dict, safe_serialization=True)
-            tokenizer.chat_template = prompts.CHAT_TEMPLATE
-            tokenizer.save_pretrained(str(hf_dir))
+    # Frozen weights (all but the adapters with LoRA) come back from the model itself.
+    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag="state", client_state=client_state, exclude_frozen_parameters=True)
+    if not with_hf_model:
+        return
+    model = engine.module
+    state_dict = engine._zero3_consolidated_16bit_state_dict()  # also what HF Trainer uses
+    adapter = lora.adapter_state_dict(model) if lora.is_peft(model) else None  # gathered by every rank
+    if engine.global_rank != 0:
+        return
+    tokenizer.chat_template = prompts.CHAT_TEMPLATE
+    if adapter is not None:
+        model.save_pretrained(str(directory / ADAPTER_DIR), state_dict=adapter, save_embedding_layers=False)
+        tokenizer.save_pretrained(str(directory / ADAPTER_DIR))
+        state_dict, model = lora.merged_state_dict(state_dict, model), model.get_base_model()
+    model.generation_config.update(**generation.exported_generation_settings(tokenizer))
+    model.save_pretrained(str(directory / HF_DIR), state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(str(directory / HF_DIR))
 
 
 def write_history(directory: str | Path, history: list[dict]) -> None:
@@ -56,7 +66,8 @@ def write_history(directory: str | Path, history: list[dict]) -> None:
 def load(engine, directory: str | Path) -> tuple[dict, list[dict]]:
     """Restore the DeepSpeed state in place; return the client state and metric history."""
     directory = Path(directory)
-    path, client_state = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag="state")
+    # A LoRA checkpoint holds the trainable parameters only (see ``save``).
+    path, client_state = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag="state", load_module_strict=not lora.is_peft(engine.module))
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed state in {directory / DEEPSPEED_DIR}")
     return client_state, read_history(directory) if (directory / HISTORY_FILE).exists() else []

@@ -21,7 +21,7 @@ from typing import AsyncIterator
 
 import torch
 
-from dolly_ray.generation import GenerationParams, GenerationResult, InstructionGenerator, Request
+from dolly_ray.generation import GenerationParams, GenerationResult, InstructionGenerator, Request, embedding_rows
 
 # On CPU transformers would size the KV cache to 60% of the machine's RAM and prefill 8192
 # tokens per step, with an attention mask of that many rows over the whole cache.
@@ -80,7 +80,7 @@ class ContinuousBatcher:
             self.manager = model.init_continuous_batching(generation_config=loop_config, continuous_batching_config=cache)
             self.manager.warmup()  # allocates the cache here, so a cache that does not fit fails now, not on the first request
             self.manager.start()
-        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.vocab_size = embedding_rows(model)
         self.lifespans: collections.deque[tuple[float, float]] = collections.deque(maxlen=1024)
         self.running = self.cancelled = 0
         self._first_token()

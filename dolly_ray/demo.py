@@ -4,6 +4,11 @@ Everything the real run does happens here on a small scale: the model and tokeni
 are loaded with ``from_pretrained`` from a directory, the records go through Ray Data,
 training runs under Ray Train + DeepSpeed, and the answers come from the exported
 Hugging Face checkpoint. The learning test calls the same function.
+
+With ``--lora-r`` the demo first makes a base model that knows something, since LoRA
+adapts what a model knows and a randomly initialised one knows nothing: the tiny model
+is fully trained on other task kinds (``BASE_TASKS``), answers none of the demo's
+tasks, and LoRA then teaches it those.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from pathlib import Path
 from dolly_ray import scoring, tasks, testing, train
 
 logger = logging.getLogger(__name__)
+
+# What the LoRA demo's base model is fully trained on: letters copied and counted, digits
+# sorted; none of the demo's default tasks.
+BASE_TASKS = ["repeat_word", "uppercase", "count_letter", "sort_numbers"]
 
 
 @dataclass
@@ -31,49 +40,34 @@ class DemoConfig:
     batching: str = field(default="pad", metadata={"help": "pad, group or pack (see dolly_ray/batching.py)"})
     micro_batch_size: int = field(default=16, metadata={"help": "per worker per step: records (pad, group) or packed 256-token rows (pack)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: train every weight): first train a base on other tasks, then LoRA on these"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator (adapters add alpha / r x B A)"})
+    lora_learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate of the LoRA run"})
+    base_records: int = field(default=16000, metadata={"help": "with --lora-r: records of BASE_TASKS the base is trained on"})
+    lora_records: int = field(default=24000, metadata={"help": "with --lora-r: training records of the LoRA run (instead of --num-train)"})
     num_workers: int = field(default=2, metadata={"help": "Ray Train workers (CPU)"})
     seed: int = field(default=0, metadata={"help": "seed for the model, the tasks and training"})
 
 
 def run(config: DemoConfig) -> dict:
     """Build, train, answer held-out tasks; return the training summary plus exact match."""
-    from dolly_ray.generation import GenerationParams, InstructionGenerator
-
     out = Path(config.output_dir).resolve()
-    base_model = testing.build_model(out / "base_model", n_layer=config.n_layer, n_embd=config.n_embd, n_positions=256, seed=config.seed)
-    train_records, heldout = tasks.train_and_heldout(config.num_train, config.num_heldout, seed=config.seed, tasks=config.tasks)
+    model = testing.build_model(out / "base_model", n_layer=config.n_layer, n_embd=config.n_embd, n_positions=256, seed=config.seed)
+    num_train = config.lora_records if config.lora_r else config.num_train
+    train_records, heldout = tasks.train_and_heldout(num_train, config.num_heldout, seed=config.seed, tasks=config.tasks)
     dataset = tasks.write_jsonl(train_records, out / "data" / "train.jsonl")
     tasks.write_jsonl(heldout, out / "data" / "heldout.jsonl")
-    summary = train.run(
-        train.TrainConfig(
-            model=str(base_model),
-            dataset=str(dataset),
-            max_length=256,
-            eval_fraction=0.02,
-            epochs=config.epochs,
-            learning_rate=config.learning_rate,
-            warmup_steps=20,
-            micro_batch_size=config.micro_batch_size,
-            batching=config.batching,
-            log_every=20,
-            eval_every=400,  # evaluation costs time and changes no training number
-            eval_generate=32,  # held-out answers scored at each evaluation: the curve's second panel
-            eval_generate_max_new_tokens=24,
-            checkpoint_every=0,
-            num_workers=config.num_workers,
-            cpus_per_worker=0.5,  # leaves a CPU for Ray Data on a 2-core machine
-            preset="cpu",
-            storage_path=str(out / "runs"),
-            name="demo",
-            seed=config.seed,
-            sample_prompts=[{"instruction": r["instruction"], "input": r["input"]} for r in heldout[:4]],
-        )
-    )
-    summary["dataset"] = str(dataset)
-    generator = InstructionGenerator.from_pretrained(summary["hf_model"])
-    results = generator.generate(
-        [{"instruction": r["instruction"], "input": r["input"]} for r in heldout], GenerationParams(greedy=True, max_new_tokens=24)
-    )
+    before_lora = {}
+    if config.lora_r:
+        base_records = tasks.generate(config.base_records, seed=config.seed + 1, tasks=BASE_TASKS)
+        base_dataset = tasks.write_jsonl(base_records, out / "data" / "base.jsonl")
+        model = train.run(_train_config(config, model, base_dataset, "base", heldout, learning_rate=config.learning_rate))["hf_model"]
+        base_answers = _answer(model, heldout)
+        before_lora = {"base_model": model, "base_exact_match": scoring.exact_match([a.response for a in base_answers], [r["output"] for r in heldout])}
+    lora = dict(lora_r=config.lora_r, lora_alpha=config.lora_alpha, learning_rate=config.lora_learning_rate) if config.lora_r else {}
+    summary = train.run(_train_config(config, model, dataset, "demo", heldout, **{"learning_rate": config.learning_rate, **lora}))
+    summary.update(before_lora, dataset=str(dataset))
+    results = _answer(summary["hf_model"], heldout)
     summary["exact_match"] = scoring.exact_match([r.response for r in results], [r["output"] for r in heldout])
     summary["stopped_at_end_key"] = sum(r.finish_reason == "stop" for r in results) / len(results)
     summary["heldout_examples"] = [
@@ -83,6 +77,42 @@ def run(config: DemoConfig) -> dict:
     return summary
 
 
+def _train_config(config: DemoConfig, model, dataset: Path, name: str, heldout: list[dict], **settings) -> train.TrainConfig:
+    """The demo's run of ``model`` on ``dataset``; ``settings`` add flags. The run's
+    samples answer the first held-out records."""
+    return train.TrainConfig(
+        model=str(model),
+        dataset=str(dataset),
+        max_length=256,
+        eval_fraction=0.02,
+        epochs=config.epochs,
+        warmup_steps=20,
+        micro_batch_size=config.micro_batch_size,
+        batching=config.batching,
+        log_every=20,
+        eval_every=400,  # evaluation costs time and changes no training number
+        eval_generate=32,  # held-out answers scored at each evaluation: the curve's second panel
+        eval_generate_max_new_tokens=24,
+        checkpoint_every=0,
+        num_workers=config.num_workers,
+        cpus_per_worker=0.5,  # leaves a CPU for Ray Data on a 2-core machine
+        preset="cpu",
+        storage_path=str(dataset.parent.parent / "runs"),
+        name=name,
+        seed=config.seed,
+        sample_prompts=[{"instruction": r["instruction"], "input": r["input"]} for r in heldout[:4]],
+        **settings,
+    )
+
+
+def _answer(model_dir: str, records: list[dict]) -> list:
+    """Greedy answers of the exported model to ``records``."""
+    from dolly_ray.generation import GenerationParams, InstructionGenerator
+
+    generator = InstructionGenerator.from_pretrained(model_dir)
+    return generator.generate([{"instruction": r["instruction"], "input": r["input"]} for r in records], GenerationParams(greedy=True, max_new_tokens=24))
+
+
 def report(summary: dict) -> tuple[list[str], dict]:
     """Lines for people (a few held-out answers, the exact match) and the summary without
     the per-example answers, for the job's output."""
@@ -90,5 +120,7 @@ def report(summary: dict) -> tuple[list[str], dict]:
     for example in summary["heldout_examples"][:8]:
         verdict = "ok " if example["response"] == example["expected"] else "MISS"
         lines.append(f"[{verdict}] {example['instruction']} {example['input']!r} -> {example['response']!r} (expected {example['expected']!r})")
+    if "base_exact_match" in summary:
+        lines.append(f"base model before LoRA: exact_match {summary['base_exact_match']:.2f}")
     lines.append(f"exact_match: {summary['exact_match']:.2f}")
     return lines, {key: value for key, value in summary.items() if key != "heldout_examples"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dolly_ray import batching, deepspeed_config, prompts, storage
+from dolly_ray import batching, deepspeed_config, lora, prompts, storage
 from dolly_ray.train_config import StepPlan, TrainConfig
 
 
@@ -47,19 +47,19 @@ def build_engine(config: TrainConfig, plan: StepPlan, world_size: int, *, model_
     model = load_model(config, ds_config, tokenizer, model_config)
     if config.batching == "pack":
         batching.check_packing_attention(model.config)
+    trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters and the prompt keys' rows
     optimizer = None
     if deepspeed_config.uses_client_optimizer(preset):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds_config
-    )
+        optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=None if optimizer else trained, config=ds_config)
     engine.hf_deepspeed_config = hf_deepspeed_config
     return engine, tokenizer, preset
 
 
 def load_model(config: TrainConfig, ds_config: dict, tokenizer, model_config=None):
     """The model (from ``config.model``, or random from ``model_config``) with embeddings
-    for the prompt keys, built under zero.Init so no worker ever holds it whole."""
+    for the prompt keys, built under zero.Init so no worker ever holds it whole; with
+    ``lora_r``, wrapped in peft's LoRA model (see ``lora``)."""
     from transformers import AutoModelForCausalLM
 
     dtype = deepspeed_config.model_dtype(ds_config)
@@ -76,4 +76,6 @@ def load_model(config: TrainConfig, ds_config: dict, tokenizer, model_config=Non
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if config.lora_settings():
+        model = lora.add_adapters(model, tokenizer, **config.lora_settings())
     return model

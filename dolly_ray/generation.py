@@ -94,6 +94,14 @@ def context_positions(model_config) -> int | None:
     return getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
 
 
+def embedding_rows(model) -> int:
+    """Rows of the model's input embedding, read without touching its weight: under ZeRO-3
+    a partitioned weight is empty outside a gather, and peft's trainable-token wrapper
+    builds a merged copy of it on each access."""
+    embedding = model.get_input_embeddings()
+    return getattr(embedding, "original_module", embedding).num_embeddings
+
+
 def prompt_budget(positions: int | None, max_new_tokens: int) -> int | None:
     """How many prompt tokens fit beside ``max_new_tokens`` in ``positions`` (None: no limit)."""
     if positions is None:
@@ -177,7 +185,7 @@ class InstructionGenerator:
         """
         self.model, self.tokenizer = model, tokenizer
         self.ids = prompts.add_special_tokens(tokenizer)
-        vocab = model.get_input_embeddings().weight.shape[0]
+        vocab = embedding_rows(model)
         if max(self.ids.instruction, self.ids.response, self.ids.end, self.ids.pad) >= vocab:
             raise ValueError(
                 f"the tokenizer's prompt-key ids {self.ids} do not fit the model's {vocab} embeddings; "

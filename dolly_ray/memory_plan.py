@@ -79,27 +79,37 @@ class ModelShape:
     heads: int
     vocab: int
     attention: str  # transformers' attention implementation: sdpa, eager, ...
+    trainable_parameters: int  # all of them, or with LoRA the adapters and the prompt keys' rows
 
     @classmethod
-    def from_config(cls, model_config, *, trust_remote_code: bool = False) -> "ModelShape":
-        """Builds the model on the meta device: exact counts, tied weights counted once, no memory."""
+    def from_config(cls, model_config, *, trust_remote_code: bool = False, lora_settings: dict | None = None) -> "ModelShape":
+        """Builds the model on the meta device: exact counts, tied weights counted once, no
+        memory. ``lora_settings`` (``lora.count_trainable``'s arguments): what LoRA trains."""
         import torch
         from transformers import AutoModelForCausalLM
+
+        from dolly_ray import lora
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
         text = model.config.get_text_config()
         hidden = text.hidden_size
+        parameters = sum(p.numel() for p in model.parameters())
+        largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+        attention = model.config._attn_implementation or "eager"
+        embedding = model.get_input_embeddings().weight.numel()
+        trainable = lora.count_trainable(model, **lora_settings) if lora_settings else parameters  # (wraps the model)
         return cls(
-            parameters=sum(p.numel() for p in model.parameters()),
-            largest_module_parameters=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
-            embedding_parameters=model.get_input_embeddings().weight.numel(),
+            parameters=parameters,
+            largest_module_parameters=largest_module,
+            embedding_parameters=embedding,
             hidden=hidden,
             intermediate=getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden,
             layers=text.num_hidden_layers,
             heads=text.num_attention_heads,
             vocab=text.vocab_size,
-            attention=model.config._attn_implementation or "eager",
+            attention=attention,
+            trainable_parameters=trainable,
         )
 
     def activation_bytes_per_token(self, max_length: int, dtype_bytes: int) -> float:
@@ -125,6 +135,7 @@ class MemoryPlan:
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
     parameters: int
+    trainable_parameters: int  # what gradients and optimizer state are kept for
     per_gpu_gib: dict[str, float]
     activations_gib: dict[str, float]  # without and with gradient checkpointing
     cpu_per_node_gib: dict[str, float]
@@ -187,15 +198,15 @@ def plan(
     gpu = "" if on_cpu else gpu or REFERENCE_GPU.get(preset, "")
     memory = 0.0 if on_cpu else gpu_memory_gib or GPUS[gpu].memory_gib
     gpus_per_node = workers if on_cpu else gpus_per_node or min(workers, 8)
-    partition = shape.parameters / workers
+    partition, trained = shape.parameters / workers, shape.trainable_parameters / workers
     tokens = micro_batch_size * max_length
     activations = _activations(shape, tokens, max_length, dtype_bytes)
-    per_gpu = _per_gpu(shape, zero, partition, dtype_bytes, tokens, activations["with_checkpointing" if gradient_checkpointing else "without_checkpointing"])
-    cpu = {"offloaded_state": (16 + dtype_bytes) * partition * gpus_per_node if offload else 0.0}
+    per_gpu = _per_gpu(shape, zero, partition, trained, dtype_bytes, tokens, activations["with_checkpointing" if gradient_checkpointing else "without_checkpointing"])
+    cpu = {"offloaded_state": (16 + dtype_bytes) * trained * gpus_per_node if offload else 0.0}
     cpu["workers"] = per_gpu["total"] * gpus_per_node if on_cpu else 0.0  # workers on CPUs hold everything in RAM
     cpu["total"] = sum(cpu.values())
     need, have = (cpu["total"], node_memory_gib) if on_cpu else (per_gpu["total"], memory)
-    states_gpu = dtype_bytes * partition + 4 * shape.largest_module_parameters + (0.0 if offload else 16 * partition)
+    states_gpu = dtype_bytes * partition + 4 * shape.largest_module_parameters + (0.0 if offload else 16 * trained)
     return MemoryPlan(
         preset=preset,
         gpu=gpu,
@@ -207,10 +218,11 @@ def plan(
         gradient_accumulation_steps=gradient_accumulation_steps,
         gradient_checkpointing=gradient_checkpointing,
         parameters=shape.parameters,
+        trainable_parameters=shape.trainable_parameters,
         per_gpu_gib=_gib(per_gpu),
         activations_gib=_gib(activations),
         cpu_per_node_gib=_gib(cpu),
-        model_states_gib=_gib({"gpu": states_gpu, "cpu_per_node": 16 * partition * gpus_per_node if offload else 0.0}),
+        model_states_gib=_gib({"gpu": states_gpu, "cpu_per_node": 16 * trained * gpus_per_node if offload else 0.0}),
         tokens_per_micro_batch=tokens,
         tokens_per_step=tokens * gradient_accumulation_steps * workers,
         fits=have is None or need <= GPU_HEADROOM * have * GIB,
@@ -233,13 +245,14 @@ def advice(plan_: MemoryPlan, *, micro_batch_fixed: bool, checkpointing_fixed: b
     return "pass " + ", ".join(steps[:-1]) + " or " + steps[-1]
 
 
-def _per_gpu(shape: ModelShape, zero: dict, partition: float, dtype_bytes: int, tokens: int, activations: float) -> dict[str, float]:
+def _per_gpu(shape: ModelShape, zero: dict, partition: float, trained: float, dtype_bytes: int, tokens: int, activations: float) -> dict[str, float]:
+    """``partition``: this GPU's share of the parameters; ``trained``: of the trainable ones."""
     offload = "offload_optimizer" in zero
     per_gpu = {
         "parameters": dtype_bytes * partition,
         "gathered_parameters": dtype_bytes * min(zero["stage3_max_live_parameters"], shape.parameters),
-        "gradients": 0.0 if offload else dtype_bytes * partition,
-        "optimizer_state": 0.0 if offload else 16 * partition,  # fp32 master and gradients, Adam's moments
+        "gradients": 0.0 if offload else dtype_bytes * trained,
+        "optimizer_state": 0.0 if offload else 16 * trained,  # fp32 master and gradients, Adam's moments
         "activations": activations,
         "logits": 10 * shape.vocab * tokens,
         "buffers": dtype_bytes * (2 * min(zero["reduce_bucket_size"], shape.parameters) + min(zero["stage3_prefetch_bucket_size"], shape.parameters)),

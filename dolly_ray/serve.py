@@ -20,7 +20,9 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,8 +335,11 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     logger.info("serving %s at %s (OpenAI base URL %s/v1); Ctrl-C stops", config.served_name, url, url)
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        serve.delete(APP_NAME)
+    # Handlers of our own: the vllm engine's libraries leave Ctrl-C without a KeyboardInterrupt
+    # in this process; SIGTERM is what `ray job stop` and container runtimes send.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    logger.info("stopping: removing the application")
+    serve.delete(APP_NAME)

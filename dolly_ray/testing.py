@@ -83,10 +83,13 @@ def build_model(
     seed: int = 0,
     tokenizer_corpus: list[str] | None = None,
     tokenizer_vocab_size: int = 400,
+    head_bias_std: float = 0.0,
 ) -> Path:
     """Write a randomly initialised model of ``family`` and a tiny tokenizer to ``path`` (safetensors).
 
-    ``tokenizer_corpus`` and ``tokenizer_vocab_size`` go to ``build_tokenizer``. Like
+    ``tokenizer_corpus`` and ``tokenizer_vocab_size`` go to ``build_tokenizer``. A
+    ``head_bias_std`` draws the output layer's bias (GPT-J's has one, trained to non-zero
+    in GPT-J-6B; a new model's starts at zero). Like
     GPT-J's and Pythia's, their embeddings have spare rows for the prompt keys the
     project adds (``vocab_size``); the Llama-style ones have exactly the tokenizer's rows.
     """
@@ -98,7 +101,11 @@ def build_model(
     config = model_config(family, len(tokenizer), n_layer=n_layer, n_embd=n_embd, head_dim=head_dim, n_positions=n_positions, vocab_size=vocab_size)
     config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(path), safe_serialization=True)
+    model = AutoModelForCausalLM.from_config(config)
+    if head_bias_std:
+        with torch.no_grad():
+            model.get_output_embeddings().bias.normal_(0, head_bias_std)
+    model.save_pretrained(str(path), safe_serialization=True)
     return path
 
 
@@ -144,10 +151,10 @@ def cpu_train_config(model: str | Path, dataset: str | Path, storage_path: str |
     )
 
 
-def run_job_here(name: str, args: list[str]) -> tuple[int, str]:
-    """``jobs/<name>.py`` with ``args``, under its own error handling but in this process:
-    (exit status, stderr). For checks of flags and one-line errors, where a new
-    interpreter would cost seconds of imports per case."""
+def run_job_here(name: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``jobs/<name>.py`` with ``args``, under its own error handling but in this process,
+    with what it printed, as ``subprocess.run`` reports it. For checks of flags, plans and
+    one-line errors, where a new interpreter would cost seconds of imports per case."""
     import contextlib
     import importlib.util
     import io
@@ -157,17 +164,17 @@ def run_job_here(name: str, args: list[str]) -> tuple[int, str]:
     spec = importlib.util.spec_from_file_location(f"jobs_{name}", REPO / "jobs" / f"{name}.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    stderr, argv = io.StringIO(), sys.argv
+    stdout, stderr, argv = io.StringIO(), io.StringIO(), sys.argv
     sys.argv = [f"jobs/{name}.py", *args]
     try:
-        with contextlib.redirect_stderr(stderr):
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             cli.run_main(job.main)
         status = 0
     except SystemExit as e:
         status = e.code
     finally:
         sys.argv = argv
-    return status, stderr.getvalue()
+    return subprocess.CompletedProcess([f"jobs/{name}.py", *args], status, stdout.getvalue(), stderr.getvalue())
 
 
 # Ports a Ray node takes by default (GCS, dashboard, its agent, client server, Serve):

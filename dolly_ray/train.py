@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 # Held-out records answered per generate call by --eval-generate.
 ANSWER_BATCH_SIZE = 8
+# Seeds of successive steps lie this far apart, so no two (step, rank) pairs share one.
+STEP_SEED_STRIDE = 100_003
 
 
 class DeterministicSplit(ray.train.DataConfig):
@@ -108,8 +110,11 @@ def settle(config: TrainConfig, model_config) -> tuple[TrainConfig, memory_plan.
     planned_preset = preset
     if preset == deepspeed_config.AUTO:  # each worker chooses from its GPU, as this does; unknown GPUs: a10's
         planned_preset = memory_plan.preset_for_accelerator(gpu, config.gpu_memory_gib) if gpu else "a10"
+    lora_settings = config.lora_settings()
     try:
-        shape = memory_plan.ModelShape.from_config(model_config, trust_remote_code=config.trust_remote_code)
+        shape = memory_plan.ModelShape.from_config(model_config, trust_remote_code=config.trust_remote_code, lora_settings=lora_settings)
+    except ConfigError:  # LoRA targets the model does not have
+        raise
     except Exception as e:  # a model class that cannot be built without its weights
         logger.warning("no memory plan for %s: %s: %s", config.model, type(e).__name__, e)
         defaults = {"micro_batch_size": config.micro_batch_size or 8, "gradient_checkpointing": bool(config.gradient_checkpointing)}
@@ -213,6 +218,7 @@ def run_summary(result: ray.train.Result, report: data.DataReport, config: Train
     return {
         "checkpoint": checkpoint,
         "hf_model": hf_model,
+        "adapter": storage.join(checkpoint, ckpt.ADAPTER_DIR) if checkpoint and config.lora_r else None,
         "loss_curve": storage.join(hf_model, ckpt.LOSS_CURVE_FILE) if hf_model else None,
         "tensorboard": storage.join(config.tensorboard_dir, config.name) if config.tensorboard_dir else None,
         "train_loss": metrics.get("train_loss"),
@@ -253,6 +259,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while engine.global_steps < stop:
         epoch, done_in_epoch = divmod(progress.micro_batches_done, plan.micro_batches_per_epoch)
         for step_batches in optimizer_steps(config, plan, epoch, done_in_epoch, tokenizer.pad_token_id):
+            # Dropout (LoRA's) draws from the step's own seed, so a resumed run draws the same masks.
+            torch.manual_seed(config.seed + STEP_SEED_STRIDE * engine.global_steps + engine.global_rank)
             train_step(engine, step_batches, window)
             progress.micro_batches_done += len(step_batches)
             step = engine.global_steps

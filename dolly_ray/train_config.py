@@ -38,6 +38,10 @@ class TrainConfig:
     warmup_steps: int = option(10, "linear warmup steps before linear decay to 0")
     micro_batch_size: int | None = option(None, "records (pad, group) or packed rows (pack) per worker per forward pass (default: the largest of 8, 4, 2, 1 that the memory plan fits)")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    lora_r: int = option(0, "LoRA rank: train low-rank adapters (peft) and the prompt keys' embedding rows, every other weight frozen (0: train every weight)")
+    lora_alpha: float = option(16.0, "LoRA scaling numerator: adapters add alpha / r x B A")
+    lora_dropout: float = option(0.05, "dropout on the adapters' inputs")
+    lora_target_modules: str = option("all-linear", "modules that get adapters: all-linear (every linear layer of attention and MLP) or comma-separated names, e.g. q_proj,v_proj")
     gradient_checkpointing: bool | None = option(None, "recompute activations in backward to save memory (default: only where the memory plan needs it)")
     batching: str = option("pack", "micro-batches: pack (records packed whole into max_length-token rows; micro_batch_size counts packed rows), group (length-grouped records) or pad (random records padded to the longest, Dolly's way)")
     shuffle_buffer_rows: int = option(1024, "rows in each worker's shuffle buffer (reshuffled every epoch)")
@@ -70,11 +74,19 @@ class TrainConfig:
     def __post_init__(self):
         self.use_gpu = deepspeed_config.check_preset(self.preset, self.use_gpu, self.accelerator_type)
         check_at_least(self, 1, "epochs", "micro_batch_size", "gradient_accumulation_steps", "num_workers", "max_length", "log_every", "eval_generate_max_new_tokens")
-        check_at_least(self, 0, "eval_generate")
+        check_at_least(self, 0, "eval_generate", "lora_r", "lora_dropout")
+        if self.lora_dropout >= 1:
+            raise ConfigError(f"--lora-dropout must be below 1, got {self.lora_dropout}")
         check_at_least(self, 0.01, "cpus_per_worker", "gpu_memory_gib")
         batching.check_strategy(self.batching)
         if self.checkpoint_upload not in ("async", "sync"):
             raise ConfigError(f"--checkpoint-upload must be async or sync, not {self.checkpoint_upload!r}")
+
+    def lora_settings(self) -> dict | None:
+        """``lora.add_adapters``' settings, or None for full fine-tuning."""
+        if not self.lora_r:
+            return None
+        return {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout, "targets": self.lora_target_modules}
 
     @property
     def data_config(self) -> data.DataConfig:

@@ -56,30 +56,47 @@ def ray_local():
     ray.shutdown()
 
 
+# The reference run's LoRA settings and the prompts its samples answer.
+REFERENCE_LORA = {"lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.05}
+REFERENCE_PROMPTS = [
+    {"instruction": "Reverse the letters of the word.", "input": "ray"},
+    {"instruction": "Name a primary color.", "input": ""},
+    {"instruction": "Sort the numbers.", "input": "3 1 2"},
+]
+
+
 @pytest.fixture(scope="session")
-def reference_run(ray_local, tiny_model_dir, tmp_path_factory):
-    """A tiny GPT-J run that the resume and worker-kill tests interrupt and compare with:
-    2 epochs of 12 optimizer steps, a checkpoint every 3 steps, eval loss and 6 held-out
-    answers scored every 4. ``config(name, **overrides)`` builds the same run under
-    another name in ``storage``; ``summary`` is the uninterrupted run's (with TensorBoard
-    logs under ``tensorboard``)."""
+def reference_run(ray_local, tmp_path_factory):
+    """A tiny GPT-J run that the resume, worker-kill and LoRA tests interrupt, compare
+    with and load: 2 epochs of 10 optimizer steps, packed, a checkpoint every 3 steps,
+    eval loss and 6 held-out answers scored every 4, LoRA adapters with dropout (the
+    output layer has a non-zero bias, as GPT-J-6B's has), and no parameter small enough
+    for ZeRO-3 to keep whole on every rank (as none of a 6B model's embeddings is). Full fine-tuning's exact resume
+    is the multinode and a10-preset tests'. ``config(name, **overrides)`` builds the same
+    run under another name in ``storage``; ``summary`` is the uninterrupted run's (with
+    TensorBoard logs under ``tensorboard``, and samples: its answers to ``prompts``);
+    ``base`` the model it adapts."""
     import types
 
     from dolly_ray import train
 
     storage = tmp_path_factory.mktemp("reference")
+    base = testing.build_model(storage / "base", head_bias_std=0.5)
     dataset = tasks.write_jsonl(tasks.generate(200, seed=5), storage / "tasks.jsonl")
 
     def config(name, **overrides):
         settings = dict(
-            epochs=2, micro_batch_size=4, learning_rate=2e-3, warmup_steps=3, log_every=1, checkpoint_every=3,
-            eval_every=4, eval_generate=6, eval_generate_max_new_tokens=12,
+            epochs=2, micro_batch_size=4, learning_rate=5e-3, warmup_steps=3, log_every=1, checkpoint_every=3,
+            eval_every=4, eval_generate=6, eval_generate_max_new_tokens=12, **REFERENCE_LORA,
+            deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}},  # every weight partitioned, as a 6B model's
         )  # fmt: skip
-        return testing.cpu_train_config(tiny_model_dir, dataset, storage, name, **{**settings, **overrides})
+        return testing.cpu_train_config(base, dataset, storage, name, **{**settings, **overrides})
 
     tensorboard = storage / "tensorboard"
-    summary = train.run(config("uninterrupted", tensorboard_dir=str(tensorboard)))
-    return types.SimpleNamespace(config=config, storage=storage, summary=summary, tensorboard=tensorboard / "uninterrupted")
+    summary = train.run(config("uninterrupted", tensorboard_dir=str(tensorboard), sample_prompts=REFERENCE_PROMPTS))
+    return types.SimpleNamespace(
+        config=config, storage=storage, summary=summary, tensorboard=tensorboard / "uninterrupted", base=str(base), prompts=REFERENCE_PROMPTS
+    )
 
 
 @pytest.fixture(scope="module")

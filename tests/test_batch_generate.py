@@ -211,10 +211,10 @@ def test_bad_arguments_are_one_line_errors(tiny_model_dir, tmp_path):
         (["--model", str(tmp_path / "nope"), "--input", source], "model directory not found"),
         (["--model", tiny_model_dir, "--input", source, "--num-actors", "0"], "must be at least 1"),
     ]:
-        status, stderr = testing.run_job_here("batch_generate", [*args, "--output", str(tmp_path / "o.jsonl")])
-        assert status == 2
-        lines = stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+        done = testing.run_job_here("batch_generate", [*args, "--output", str(tmp_path / "o.jsonl")])
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
 
 
 def test_actors_that_leave_no_cpu_for_reading_are_refused(ray_local):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dolly_ray import batching, checkpoint, data, labels, prompts, sources, tasks, testing, train
+from dolly_ray import batching, data, labels, prompts, sources, tasks, testing, train
 
 
 def _tokenized(records, tokenizer_dir, max_length):
@@ -159,30 +159,3 @@ def test_packing_refuses_attention_that_ignores_positions(tiny_model):
     batching.check_packing_attention(tiny_model.config)  # GPT-J's default, eager
     with pytest.raises(ValueError, match="flash_attention_2"):
         batching.check_packing_attention(types.SimpleNamespace(_attn_implementation="flash_attention_2"))
-
-
-@pytest.mark.slow
-def test_distributed_training_with_group_batching(ray_local, tiny_model_dir, tmp_path):
-    """group under Ray Train + ZeRO-3. pack is the default of the reference run (the resume
-    and worker-kill tests) and trains every family (test_families); pad is the demo's."""
-    dataset = tasks.write_jsonl(tasks.generate(160, seed=11), tmp_path / "tasks.jsonl")
-    summary = train.run(
-        testing.cpu_train_config(
-            tiny_model_dir,
-            dataset,
-            tmp_path / "runs",
-            "batching-group",
-            batching="group",
-            max_steps=6,
-            micro_batch_size=8,
-            learning_rate=2e-3,
-            warmup_steps=1,
-            log_every=1,
-            checkpoint_every=0,
-        )
-    )
-    assert summary["steps"] == 6 and summary["finished"] is True
-    assert np.isfinite(summary["train_loss"]) and np.isfinite(summary["eval_loss"])
-    history = checkpoint.read_history(summary["checkpoint"])
-    assert [row["step"] for row in history] == list(range(1, 7))
-    assert history[-1]["train_loss"] < history[0]["train_loss"]

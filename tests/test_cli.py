@@ -79,9 +79,9 @@ def test_help_lists_every_flag_with_its_default():
 )
 def test_bad_arguments_print_one_line(args, message, monkeypatch):
     monkeypatch.chdir(ROOT)
-    status, stderr = testing.run_job_here("train", args)  # test_missing_dataset_prints_one_line runs the script
-    assert status == 2
-    assert stderr.strip().splitlines() == [stderr.strip()] and stderr.startswith(message)
+    done = testing.run_job_here("train", args)  # test_missing_dataset_prints_one_line runs the script
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith(message)
 
 
 def test_missing_dataset_prints_one_line(tmp_path, tiny_model_dir):
@@ -96,14 +96,14 @@ def test_missing_dataset_prints_one_line(tmp_path, tiny_model_dir):
     assert len(errors) == 1 and "absent.jsonl" in errors[0]
 
 
-def test_a_request_the_cluster_cannot_grant_fails_fast(tiny_model_dir, tmp_path):
+def test_a_request_the_cluster_cannot_grant_fails_fast(ray_local, tiny_model_dir, tmp_path):
+    """On the embedded local Ray (the session's), which cannot add nodes."""
     dataset = tasks.write_jsonl(tasks.generate(20, seed=1), tmp_path / "tasks.jsonl")
-    env = {**os.environ, "RAY_ADDRESS": "local"}
     start = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "jobs/train.py", "--preset", "cpu", "--model", tiny_model_dir, "--dataset", str(dataset), "--num-workers", "2",
-         "--cpus-per-worker", "64", "--storage-path", str(tmp_path / "runs")],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+    result = testing.run_job_here(
+        "train",
+        ["--preset", "cpu", "--model", tiny_model_dir, "--dataset", str(dataset), "--num-workers", "2", "--cpus-per-worker", "64",
+         "--storage-path", str(tmp_path / "runs")],
     )  # fmt: skip
     assert result.returncode == 2 and time.monotonic() - start < 60
     [error] = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dolly_ray import batch_generate, data, fuzz, sources, tasks, testing, train
+from dolly_ray import batch_generate, checkpoint, data, fuzz, sources, tasks, testing, train
 
 
 def _good(n, seed=3):
@@ -102,10 +102,17 @@ def test_batch_job_answers_or_flags_every_hostile_row(ray_local, tiny_model_dir,
 
 @pytest.mark.slow
 def test_training_on_a_half_hostile_file_uses_exactly_the_good_half(ray_local, tiny_model_dir, tmp_path):
+    """Also the run of ``group`` batching under Ray Train + ZeRO-3 (pack is the reference
+    run's and every family's, pad the demo's)."""
     path = tmp_path / "hostile.jsonl"
     lines = fuzz.write_mixed_jsonl(path, _good(120), seed=4)
-    config = testing.cpu_train_config(tiny_model_dir, path, tmp_path / "runs", "hostile", epochs=1, micro_batch_size=8, checkpoint_every=0)
+    config = testing.cpu_train_config(
+        tiny_model_dir, path, tmp_path / "runs", "hostile", epochs=1, micro_batch_size=8, batching="group", learning_rate=2e-3, warmup_steps=1,
+        log_every=1, checkpoint_every=0,
+    )  # fmt: skip
     summary = train.run(config)
+    history = checkpoint.read_history(summary["checkpoint"])
+    assert [row["step"] for row in history] == list(range(1, summary["steps"] + 1)) and history[-1]["train_loss"] < history[0]["train_loss"]
     usable = _usable(lines)
     in_eval = [data.in_eval_split(r["instruction"], r.get("input") or "", r["output"], config.seed, config.eval_fraction) for r in usable]
     assert summary["finished"] is True

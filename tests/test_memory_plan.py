@@ -4,15 +4,12 @@ GPU presets fit GPT-J 6B on the hardware Dolly trained on, and what cannot fit i
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from transformers import GPTJConfig
 
 from dolly_ray import deepspeed_config, memory_plan, testing
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
 
 
@@ -83,9 +80,9 @@ def test_time_follows_the_gpus_and_the_epoch(gptj_6b):
     assert a10.time["epoch_hours"] == pytest.approx(7_000_000 / a10.time["tokens_per_s"] / 3600, abs=0.01)
 
 
-def _job(*args, timeout=180):
-    env = {**os.environ, "RAY_ADDRESS": "local"}
-    return subprocess.run([sys.executable, "jobs/train.py", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+def _job(*args):
+    """``jobs/train.py`` with ``args``, in this process (on the session's local Ray)."""
+    return testing.run_job_here("train", list(args))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +94,7 @@ def gptj_6b_config_dir(tmp_path_factory):
     return str(path)
 
 
-def test_dry_run_prints_the_plan_and_starts_no_training(gptj_6b_config_dir, tmp_path):
+def test_dry_run_prints_the_plan_and_starts_no_training(ray_local, gptj_6b_config_dir, tmp_path):
     done = _job("--dry-run", "--model", gptj_6b_config_dir, "--accelerator-type", "A10G", "--num-workers", "4", "--storage-path", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     plan = json.loads(done.stdout.splitlines()[-1])
@@ -109,7 +106,7 @@ def test_dry_run_prints_the_plan_and_starts_no_training(gptj_6b_config_dir, tmp_
     assert not os.listdir(tmp_path)  # no run directory: nothing trained
 
 
-def test_a_run_that_cannot_fit_is_refused_with_the_plan(gptj_6b_config_dir, tmp_path):
+def test_a_run_that_cannot_fit_is_refused_with_the_plan(ray_local, gptj_6b_config_dir, tmp_path):
     # A stand-in weights file: the run is refused on its plan, long before weights would load.
     model = tmp_path / "model"
     shutil.copytree(gptj_6b_config_dir, model)

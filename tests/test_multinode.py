@@ -199,14 +199,6 @@ def test_a_lost_node_costs_only_time_and_a_stopped_run_resumes_from_the_bucket(c
     assert _checkpoint_files(killer.replacement) == []
 
 
-def test_rerunning_a_finished_run_resumes_it_from_the_bucket_without_training(cluster, s3, clean_run):
-    before = sorted(s3.keys(BUCKET, "dolly/clean/"))
-    again = _train(cluster, "train-again", "clean")
-    assert again["finished"] is True and again["steps"] == STEPS
-    assert again["checkpoint"] == clean_run["checkpoint"]
-    assert sorted(key for key in s3.keys(BUCKET, "dolly/clean/") if "/checkpoint_" in key) == [key for key in before if "/checkpoint_" in key]
-
-
 def test_the_reported_model_feeds_batch_generation_and_serve_unedited(cluster, s3, clean_run):
     hf_model = clean_run["hf_model"]
     output = f"s3://{BUCKET}/out/answers.jsonl"

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from dolly_ray import checkpoint, data, demo, prompts, scoring, tasks, testing, train
+from dolly_ray import checkpoint, data, demo, prompts, scoring, train
 from dolly_ray.generation import GenerationParams, InstructionGenerator
 
 
@@ -109,14 +109,31 @@ print(json.dumps(answers))
     assert answers == [{"response": s["response"], "stopped": True} for s in samples]
 
 
+@contextlib.contextmanager
+def busy_cpus(seconds: float = 900):
+    """A loaded machine for the length of the block: one busy process per core (niced, so
+    Ray's workers still progress), each ending by itself after ``seconds``."""
+    spin = f"import os, time\nos.nice(19)\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
+    burners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+
+
 @pytest.mark.slow
 def test_resume_continues_exactly_where_it_stopped(reference_run):
+    """Stopped at step 5 on a loaded machine, then resumed: every step equals the
+    uninterrupted run's, so neither the restore nor the timing changed what was trained."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     full = reference_run.summary
     events = EventAccumulator(str(reference_run.tensorboard)).Reload()
     assert {"train_loss", "eval_loss", "eval_exact_match", "eval_rouge_l", "eval_stopped_at_end"} <= set(events.Tags()["scalars"])
-    stopped = train.run(reference_run.config("interrupted", stop_after_steps=5))
+    with busy_cpus():  # shuffling, sharding, packing and the step follow the seed, never the timing
+        stopped = train.run(reference_run.config("interrupted", stop_after_steps=5))
     assert stopped["steps"] == 5 and stopped["finished"] is False
     resumed = train.run(reference_run.config("interrupted"))
     assert resumed["finished"] is True and resumed["steps"] == full["steps"] == 20  # 10 per epoch
@@ -137,34 +154,8 @@ def test_resume_continues_exactly_where_it_stopped(reference_run):
     for name, tensor in full_weights.items():
         assert (tensor - resumed_weights[name]).abs().max() < 1e-5, name
 
-
-@contextlib.contextmanager
-def busy_cpus(seconds: float = 900):
-    """A loaded machine for the length of the block: one busy process per core (niced, so
-    Ray's workers still progress), each ending by itself after ``seconds``."""
-    spin = f"import os, time\nos.nice(19)\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
-    burners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
-    try:
-        yield
-    finally:
-        for burner in burners:
-            burner.kill()
-            burner.wait()
-
-
-@pytest.mark.slow
-def test_the_same_seed_gives_the_same_losses_on_a_loaded_machine(ray_local, tiny_model_dir, tmp_path):
-    """Shuffling, sharding, packing and the step all follow the seed, never the timing."""
-    dataset = tasks.write_jsonl(tasks.generate(400, seed=7), tmp_path / "tasks.jsonl")
-
-    def losses(name):
-        config = testing.cpu_train_config(
-            tiny_model_dir, dataset, tmp_path, name, max_steps=6, micro_batch_size=4, learning_rate=2e-3, warmup_steps=1, log_every=1, batching="pad"
-        )
-        return [row["train_loss"] for row in checkpoint.read_history(train.run(config)["checkpoint"])]
-
-    quiet = losses("quiet")
-    with busy_cpus():
-        loaded = losses("loaded")
-    assert len(quiet) == 6 and loaded == quiet
-
+    # Run again, the finished run restores its last checkpoint and trains nothing more.
+    saved = sorted(path.name for path in (reference_run.storage / "interrupted").glob("checkpoint_*"))
+    again = train.run(reference_run.config("interrupted"))
+    assert again["finished"] is True and again["steps"] == full["steps"] and again["checkpoint"] == resumed["checkpoint"]
+    assert sorted(path.name for path in (reference_run.storage / "interrupted").glob("checkpoint_*")) == saved

@@ -93,14 +93,10 @@ def vllm_server(demo):
     log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vllm-serve-{port}.log"), "w")
     process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:  # the server and its Ray go, whatever happens here or in the tests
-        yield _wait_until_serving(process, f"http://127.0.0.1:{port}", log.name), default_model_name(summary["hf_model"])
+        yield _wait_until_serving(process, f"http://127.0.0.1:{port}", log.name), default_model_name(summary["hf_model"]), process
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGINT)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)  # the server's own Ray with it
         log.close()
 
 
@@ -120,7 +116,7 @@ def _wait_until_serving(process: subprocess.Popen, url: str, log: str) -> str:
 def test_the_vllm_app_answers_chats_and_completions_as_the_hf_engine(vllm_server, demo, hf_answers):
     import openai
 
-    url, name = vllm_server
+    url, name, _ = vllm_server
     _, heldout = demo
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in client.models.list()] == [name]
@@ -139,7 +135,7 @@ def test_the_vllm_app_answers_chats_and_completions_as_the_hf_engine(vllm_server
 def test_the_vllm_app_is_gated_like_the_hf_app_and_survives_hostile_requests(vllm_server, hf_answers, demo):
     import test_hostile_traffic as hostile
 
-    url, name = vllm_server
+    url, name, _ = vllm_server
     body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}]:
         reply = requests.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
@@ -167,3 +163,11 @@ def test_the_vllm_app_is_gated_like_the_hf_app_and_survives_hostile_requests(vll
     messages = ([{"role": "system", "content": record["input"]}] if record["input"] else []) + [{"role": "user", "content": record["instruction"]}]
     reply = requests.post(f"{url}/v1/chat/completions", json={"model": name, "messages": messages, "temperature": 0, "max_tokens": TOKENS}, headers=keyed, timeout=120)
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"].strip() == expected.response
+
+
+def test_ctrl_c_stops_the_vllm_app(vllm_server):
+    """Ctrl-C in the terminal (SIGINT to the foreground process group) removes the app and
+    ends the command promptly."""
+    _, _, process = vllm_server
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(30) == 0
