@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import json
 import shutil
 import tempfile
 import time
@@ -16,7 +15,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from dolly_ray import deepspeed_config, tasks, testing, train
+from dolly_ray import deepspeed_config, testing, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,38 +95,6 @@ def local_cluster():
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return testing.build_model(tmp_path_factory.mktemp("submitted-model"))
-
-
-@pytest.mark.slow
-def test_train_then_batch_generate_through_ray_job_submit(local_cluster, model, tmp_path):
-    records = tasks.generate(48, seed=3)
-    tasks.write_jsonl(records, tmp_path / "tasks.jsonl")
-
-    trained = local_cluster.submit(
-        "train-ok",
-        "python", "jobs/train.py", "--preset", "cpu", "--model", str(model), "--dataset", str(tmp_path / "tasks.jsonl"),
-        "--num-workers", "2", "--cpus-per-worker", "0.5", "--max-steps", "4", "--micro-batch-size", "4",
-        "--eval-fraction", "0", "--storage-path", str(tmp_path / "runs"), "--name", "submitted",
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
-    assert local_cluster.status("train-ok") == "succeeded"
-    summary = testing.job_summary(local_cluster.logs("train-ok"))
-    assert summary["finished"] and summary["steps"] == 4 and summary["preset"] == "cpu"
-    hf_model = Path(summary["hf_model"])
-    assert hf_model.is_relative_to(tmp_path / "runs" / "submitted") and (hf_model / "model.safetensors").is_file()
-
-    output = tmp_path / "answers.jsonl"
-    generated = local_cluster.submit(
-        "batch-ok",
-        "python", "jobs/batch_generate.py", "--model", str(hf_model), "--input", str(tmp_path / "tasks.jsonl"),
-        "--output", str(output), "--num-actors", "1", "--num-cpus-per-actor", "0.5", "--max-new-tokens", "4", "--greedy",
-    )  # fmt: skip
-    assert generated.returncode == 0, generated.stdout[-3000:] + generated.stderr[-3000:]
-    assert local_cluster.status("batch-ok") == "succeeded"
-    rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [row["instruction"] for row in rows] == [record["instruction"] for record in records]
-    assert all(row["error"] is None and isinstance(row["response"], str) for row in rows)
-    assert testing.job_summary(local_cluster.logs("batch-ok"))["rows"] == len(records)
 
 
 @pytest.mark.slow

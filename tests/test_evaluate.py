@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dolly_ray import evaluate, scoring, tasks
+from dolly_ray import evaluate, scoring, tasks, testing
 from dolly_ray.generation import GenerationParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +92,7 @@ def test_evaluation_scores_every_task_and_counts_what_it_cannot_score(ray_local,
 def test_the_job_prints_figures_per_task_and_the_summary_last(tiny_model_dir, generator, tmp_path):
     """The Dolly schema (reference in ``response``, task in ``category``) through jobs/evaluate.py."""
     script = os.path.join(ROOT, "jobs", "evaluate.py")
-    help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120, check=True).stdout
+    help_text = testing.run_job_here("evaluate", ["--help"]).stdout
     for flag in ("--model", "--dataset", "--columns", "--task-column", "--answers", "--engine", "--num-actors", "--max-new-tokens"):
         assert flag in help_text
     records, answers = _records_with_known_answers(generator, count=6)
@@ -108,5 +108,5 @@ def test_the_job_prints_figures_per_task_and_the_summary_last(tiny_model_dir, ge
     assert summary["scored"] == 6 and {k: summary[k] for k in scoring.FIGURES} == pytest.approx(scoring.means(scored), abs=1e-4)
     assert sorted(summary["per_task"]) == sorted({r["task"] for r in records})
     assert any(line.startswith("overall") for line in lines) and any(line.startswith("reverse_word") for line in lines)
-    done = subprocess.run([sys.executable, script, *args[:2], "--dataset", str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=120, env=env)
+    done = testing.run_job_here("evaluate", [*args[:2], "--dataset", str(tmp_path / "missing.jsonl")])
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == f"error: dataset not found: {tmp_path / 'missing.jsonl'}"
