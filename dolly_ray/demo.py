@@ -64,8 +64,11 @@ def run(config: DemoConfig) -> dict:
         model = train.run(_train_config(config, model, base_dataset, "base", heldout, learning_rate=config.learning_rate))["hf_model"]
         base_answers = _answer(model, heldout)
         before_lora = {"base_model": model, "base_exact_match": scoring.exact_match([a.response for a in base_answers], [r["output"] for r in heldout])}
-    lora = dict(lora_r=config.lora_r, lora_alpha=config.lora_alpha, learning_rate=config.lora_learning_rate) if config.lora_r else {}
-    summary = train.run(_train_config(config, model, dataset, "demo", heldout, **{"learning_rate": config.learning_rate, **lora}))
+    if config.lora_r:
+        settings = dict(lora_r=config.lora_r, lora_alpha=config.lora_alpha, learning_rate=config.lora_learning_rate)
+    else:
+        settings = dict(learning_rate=config.learning_rate)
+    summary = train.run(_train_config(config, model, dataset, "demo", heldout, **settings))
     summary.update(before_lora, dataset=str(dataset))
     results = _answer(summary["hf_model"], heldout)
     summary["exact_match"] = scoring.exact_match([r.response for r in results], [r["output"] for r in heldout])

@@ -47,7 +47,7 @@ def build_engine(config: TrainConfig, plan: StepPlan, world_size: int, *, model_
     model = load_model(config, ds_config, tokenizer, model_config)
     if config.batching == "pack":
         batching.check_packing_attention(model.config)
-    trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters and the prompt keys' rows
+    trained = lora.trainable_parameters(model)  # with LoRA, the adapters and the prompt keys' rows
     optimizer = None
     if deepspeed_config.uses_client_optimizer(preset):
         optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -76,6 +76,7 @@ def load_model(config: TrainConfig, ds_config: dict, tokenizer, model_config=Non
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    if config.lora_settings():
-        model = lora.add_adapters(model, tokenizer, **config.lora_settings())
+    lora_settings = config.lora_settings()
+    if lora_settings:
+        model = lora.add_adapters(model, tokenizer, **lora_settings)
     return model
