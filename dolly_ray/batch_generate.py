@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -319,7 +318,7 @@ def check(config: BatchConfig) -> Columns:
         config.params().validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if storage.is_local_path(config.input) and not os.path.exists(config.input):
+    if storage.missing_local(config.input):
         raise ConfigError(f"input not found: {config.input}")
     if vllm_engine.choose(config.engine, 0) == "vllm":  # a known engine, and vLLM installed if asked for
         vllm_engine.check_model(config.model)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -72,7 +71,7 @@ SCORE_SCHEMA = pa.schema([("eval_task", pa.string()), ("eval_skip", pa.string())
 
 def run(config: EvalConfig) -> dict[str, Any]:
     """Answer, score and average; the summary is the job's last output line."""
-    if storage.is_local_path(config.dataset) and not os.path.exists(config.dataset):
+    if storage.missing_local(config.dataset):
         raise ConfigError(f"dataset not found: {config.dataset}")
     reference = sources.parse_columns(config.columns).output
     start = time.perf_counter()

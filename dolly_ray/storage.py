@@ -40,6 +40,12 @@ def is_hub_id(name: str) -> bool:
     return not is_uri(name) and not is_local_path(name)
 
 
+def missing_local(path: str) -> bool:
+    """A local path (as ``is_local_path`` reads it) that is not there: the jobs refuse it
+    before Ray starts. URIs and hub ids are checked where they are read."""
+    return is_local_path(path) and not os.path.exists(os.path.expanduser(path))
+
+
 def absolute(path: str) -> str:
     """A URI unchanged; a local path made absolute (``~`` expanded), so workers on any node
     and later jobs read the same place."""

@@ -72,6 +72,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     model_config = generation.check_loadable_model(
         config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, need_weights=not config.dry_run
     )
+    if storage.missing_local(config.dataset):
+        raise ConfigError(f"dataset not found: {config.dataset}")
     cluster.init_ray()
     # Workers on other nodes, in other working directories, must write where the driver means.
     config = dataclasses.replace(

@@ -47,10 +47,15 @@ def task_records():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session: starting Ray costs seconds each time."""
+    """One local Ray for the whole session: starting Ray costs seconds each time.
+
+    It keeps up to 8 idle worker processes (Ray's default: one per CPU), so the many
+    short Ray Data pipelines the tests run back to back reuse workers instead of
+    starting a process for each task.
+    """
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config={"num_workers_soft_limit": 8})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -85,6 +85,7 @@ def test_bad_arguments_print_one_line(args, message, monkeypatch):
 
 
 def test_missing_dataset_prints_one_line(tmp_path, tiny_model_dir):
+    """Refused before Ray starts: nothing waits on a cluster for a file that is not there."""
     env = {**os.environ, "RAY_ADDRESS": "local"}
     result = subprocess.run(
         [sys.executable, "jobs/train.py", "--preset", "cpu", "--model", tiny_model_dir, "--dataset", str(tmp_path / "absent.jsonl"), "--storage-path", str(tmp_path)],
@@ -93,7 +94,8 @@ def test_missing_dataset_prints_one_line(tmp_path, tiny_model_dir):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "absent.jsonl" in errors[0]
+    assert errors == [f"error: dataset not found: {tmp_path / 'absent.jsonl'}"]
+    assert "Started a local Ray instance" not in result.stderr
 
 
 def test_a_request_the_cluster_cannot_grant_fails_fast(ray_local, tiny_model_dir, tmp_path):

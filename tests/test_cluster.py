@@ -106,7 +106,7 @@ def test_a_failing_job_ends_failed_with_its_one_line_error(local_cluster, model,
     assert failed.returncode != 0
     assert local_cluster.status("train-bad") == "failed"
     error_lines = [line for line in local_cluster.logs("train-bad").splitlines() if line.startswith("error:")]
-    assert error_lines == [f"error: cannot read {missing}: no such file or directory"]
+    assert error_lines == [f"error: dataset not found: {missing}"]
 
 
 def test_an_embedded_ray_cannot_grow_and_says_what_waits(ray_local):

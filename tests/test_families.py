@@ -1,7 +1,7 @@
-"""Model families beyond GPT-J: GPT-NeoX (Pythia) and the Llama style (Llama, and Qwen2
-with tied embeddings) each run the whole path with tiny local models: ZeRO-3 training
-with ``pack`` and ``pad`` on 2 workers, export, reload with plain transformers,
-generation, Serve and the batch job."""
+"""Model families beyond GPT-J: GPT-NeoX (Pythia) and the Llama style (Llama, Mistral with
+its sliding window, and Qwen2 with tied embeddings) each run the whole path with tiny
+local models: ZeRO-3 training with ``pack`` and ``pad`` on 2 workers, export, reload
+with plain transformers, generation, Serve and the batch job."""
 
 import json
 import os
@@ -17,10 +17,8 @@ from dolly_ray import batch_generate, checkpoint, memory_plan, prompts, tasks, t
 from dolly_ray import serve as dolly_serve
 from dolly_ray.generation import GenerationParams, InstructionGenerator
 
-# The rest of the suite runs GPT-J's whole path. Mistral is Llama's architecture with a
-# sliding window: its packing, continuous batching and plan are checked without a
-# training run of its own (test_batching, test_continuous_batching, below).
-WHOLE_PATH = ["gpt_neox", "llama", "qwen2"]
+# The rest of the suite runs GPT-J's whole path.
+WHOLE_PATH = [family for family in testing.FAMILIES if family != "gptj"]
 GREEDY = GenerationParams(greedy=True, max_new_tokens=16)
 INSTRUCTIONS = [("Reverse the letters of the word.", "ray"), ("Name a primary color.", None), ("Sort the numbers.", "3 1 2")]
 
