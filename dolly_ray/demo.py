@@ -57,17 +57,15 @@ def run(config: DemoConfig) -> dict:
     train_records, heldout = tasks.train_and_heldout(num_train, config.num_heldout, seed=config.seed, tasks=config.tasks)
     dataset = tasks.write_jsonl(train_records, out / "data" / "train.jsonl")
     tasks.write_jsonl(heldout, out / "data" / "heldout.jsonl")
-    before_lora = {}
     if config.lora_r:
         base_records = tasks.generate(config.base_records, seed=config.seed + 1, tasks=BASE_TASKS)
         base_dataset = tasks.write_jsonl(base_records, out / "data" / "base.jsonl")
         model = train.run(_train_config(config, model, base_dataset, "base", heldout, learning_rate=config.learning_rate))["hf_model"]
         base_answers = _answer(model, heldout)
         before_lora = {"base_model": model, "base_exact_match": scoring.exact_match([a.response for a in base_answers], [r["output"] for r in heldout])}
-    if config.lora_r:
         settings = dict(lora_r=config.lora_r, lora_alpha=config.lora_alpha, learning_rate=config.lora_learning_rate)
     else:
-        settings = dict(learning_rate=config.learning_rate)
+        before_lora, settings = {}, dict(learning_rate=config.learning_rate)
     summary = train.run(_train_config(config, model, dataset, "demo", heldout, **settings))
     summary.update(before_lora, dataset=str(dataset))
     results = _answer(summary["hf_model"], heldout)
@@ -100,7 +98,7 @@ def _train_config(config: DemoConfig, model, dataset: Path, name: str, heldout: 
         num_workers=config.num_workers,
         cpus_per_worker=0.5,  # leaves a CPU for Ray Data on a 2-core machine
         preset="cpu",
-        storage_path=str(dataset.parent.parent / "runs"),
+        storage_path=str(Path(config.output_dir).resolve() / "runs"),
         name=name,
         seed=config.seed,
         sample_prompts=[{"instruction": r["instruction"], "input": r["input"]} for r in heldout[:4]],

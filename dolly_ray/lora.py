@@ -115,7 +115,7 @@ def count_trainable(model, *, r: int, alpha: float, dropout: float, targets: str
         wrapped = get_peft_model(model, lora_config(model, token_ids, r=r, alpha=alpha, dropout=dropout, targets=targets))
     except ValueError as e:
         raise ConfigError(f"--lora-target-modules {targets!r}: {' '.join(str(e).split())}") from None
-    return sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    return sum(p.numel() for p in trainable_parameters(wrapped))
 
 
 def is_peft(model) -> bool:

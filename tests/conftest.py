@@ -76,11 +76,11 @@ def reference_run(ray_local, tmp_path_factory):
     with and load: 2 epochs of 10 optimizer steps, packed, a checkpoint every 3 steps,
     eval loss and 6 held-out answers scored every 4, LoRA adapters with dropout (the
     output layer has a non-zero bias, as GPT-J-6B's has), and no parameter small enough
-    for ZeRO-3 to keep whole on every rank (as none of a 6B model's embeddings is). Full fine-tuning's exact resume
-    is the multinode and a10-preset tests'. ``config(name, **overrides)`` builds the same
-    run under another name in ``storage``; ``summary`` is the uninterrupted run's (with
-    TensorBoard logs under ``tensorboard``, and samples: its answers to ``prompts``);
-    ``base`` the model it adapts."""
+    for ZeRO-3 to keep whole on every rank (as none of a 6B model's embeddings is). Full
+    fine-tuning's exact resume is the multinode and a10-preset tests'.
+    ``config(name, **overrides)`` builds the same run under another name in ``storage``;
+    ``summary`` is the uninterrupted run's (with TensorBoard logs under ``tensorboard``,
+    and samples: its answers to ``prompts``); ``base`` the model it adapts."""
     import types
 
     from dolly_ray import train
