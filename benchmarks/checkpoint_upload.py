@@ -24,7 +24,9 @@ import os
 import statistics
 import tempfile
 
-from dolly_ray import checkpoint, cluster, tasks, testing, train
+from dolly_ray import cluster, testing
+from dolly_ray.records import tasks
+from dolly_ray.train import checkpoint, recipe
 
 
 def one_run(mode: str, model: str, dataset: str, args) -> dict:
@@ -34,7 +36,7 @@ def one_run(mode: str, model: str, dataset: str, args) -> dict:
         max_steps=args.steps, micro_batch_size=4, log_every=1, checkpoint_every=0 if mode == "none" else args.checkpoint_every,
         checkpoint_upload="sync" if mode == "none" else mode, num_to_keep=2, hf_model_every_checkpoint=True,
     )  # fmt: skip
-    summary = train.run(config)
+    summary = recipe.run(config)
     history = checkpoint.read_history(summary["checkpoint"])
     times = [row["time"] for row in history]
     saved = [row for row in history if "checkpoint_save_s" in row]

@@ -35,9 +35,11 @@ import time
 
 import torch
 
-from dolly_ray import batch_generate, prompts, testing
-from dolly_ray.continuous_batching import ContinuousBatcher, Unsupported
-from dolly_ray.generation import GenerationParams, InstructionGenerator
+from dolly_ray import prompts, testing
+from dolly_ray.batch import generation
+from dolly_ray.batch.config import BatchConfig
+from dolly_ray.generate.continuous_batching import ContinuousBatcher, Unsupported
+from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "alpaca_eval_davinci003.json")
@@ -67,8 +69,8 @@ def generate_response_naive(instruction: str, *, model, tokenizer, max_new_token
 
 def batch_job(tmp: str, model_dir: str, source: str, args: argparse.Namespace, *, engine: str, num_actors: int) -> tuple[dict, list[str]]:
     """The batch-generation job over ``source``: its summary and the responses in order."""
-    summary = batch_generate.run(
-        batch_generate.BatchConfig(
+    summary = generation.run(
+        BatchConfig(
             model=model_dir,
             input=source,
             output=os.path.join(tmp, f"responses-{engine}.jsonl"),

@@ -31,9 +31,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from ray import serve  # noqa: E402
 
-from dolly_ray.generation import GenerationParams  # noqa: E402
-from dolly_ray.serve import InstructionServer  # noqa: E402
-from dolly_ray.static_batching import StaticBatcher  # noqa: E402
+from dolly_ray.generate.generator import GenerationParams
+from dolly_ray.generate.static_batching import StaticBatcher
+from dolly_ray.serve.server import InstructionServer
 
 
 def parse_args() -> argparse.Namespace:
@@ -162,7 +162,8 @@ def run_served(model: str, args: argparse.Namespace, engines: list[str]) -> dict
     import requests
 
     from dolly_ray import testing
-    from dolly_ray.serve import ServeConfig, build_app
+    from dolly_ray.serve.config import ServeConfig
+    from dolly_ray.serve.server import build_app
 
     runs: dict[str, dict] = {}
     if not engines:
@@ -207,8 +208,8 @@ def run_engine_alone(model: str, args: argparse.Namespace) -> dict:
     for one CPU per replica), under the same load without Serve, HTTP or the client."""
     import torch
 
-    from dolly_ray.continuous_batching import ContinuousBatcher
-    from dolly_ray.generation import InstructionGenerator
+    from dolly_ray.generate.continuous_batching import ContinuousBatcher
+    from dolly_ray.generate.generator import InstructionGenerator
 
     torch.set_num_threads(max(1, int(args.num_cpus_per_replica)))
     batcher = ContinuousBatcher(InstructionGenerator.from_pretrained(model), max_requests_per_batch=args.max_batch_size)

@@ -36,9 +36,11 @@ import time
 import numpy as np
 import torch
 
-from dolly_ray import batching, data, memory_plan, prompts, sources, testing
-from dolly_ray.engine import build_engine
-from dolly_ray.train_config import StepPlan, TrainConfig
+from dolly_ray import prompts, testing
+from dolly_ray.records import sources
+from dolly_ray.train import batching, data, memory_plan
+from dolly_ray.train.config import StepPlan, TrainConfig
+from dolly_ray.train.engine import build_engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "alpaca_eval_davinci003.json")

@@ -143,9 +143,6 @@ def run_main(main: Callable[[], Any]) -> None:
     """
     from ray.train import TrainingFailedError
 
-    from dolly_ray.prompts import SpecialTokenError
-    from dolly_ray.sources import DataError
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the hub's, transformers' and datasets' bars
@@ -154,7 +151,7 @@ def run_main(main: Callable[[], Any]) -> None:
         transformers_logging.disable_progress_bar()
     try:
         main()
-    except (ConfigError, DataError, SpecialTokenError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, SpecialTokenError among them
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     except TrainingFailedError as e:

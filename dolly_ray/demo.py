@@ -17,7 +17,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dolly_ray import scoring, tasks, testing, train
+from dolly_ray import testing
+from dolly_ray.generate import scoring
+from dolly_ray.records import tasks
+from dolly_ray.train import recipe
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class DemoConfig:
     n_layer: int = field(default=2, metadata={"help": "transformer layers of the tiny GPT-J"})
     n_embd: int = field(default=192, metadata={"help": "width of the tiny GPT-J"})
     epochs: int = field(default=1, metadata={"help": "passes over the training records"})
-    batching: str = field(default="pad", metadata={"help": "pad, group or pack (see dolly_ray/batching.py)"})
+    batching: str = field(default="pad", metadata={"help": "pad, group or pack (see dolly_ray/train/batching.py)"})
     micro_batch_size: int = field(default=16, metadata={"help": "per worker per step: records (pad, group) or packed 256-token rows (pack)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: train every weight): first train a base on other tasks, then LoRA on these"})
@@ -60,13 +63,13 @@ def run(config: DemoConfig) -> dict:
     if config.lora_r:
         base_records = tasks.generate(config.base_records, seed=config.seed + 1, tasks=BASE_TASKS)
         base_dataset = tasks.write_jsonl(base_records, out / "data" / "base.jsonl")
-        model = train.run(_train_config(config, model, base_dataset, "base", heldout, learning_rate=config.learning_rate))["hf_model"]
+        model = recipe.run(_train_config(config, model, base_dataset, "base", heldout, learning_rate=config.learning_rate))["hf_model"]
         base_answers = _answer(model, heldout)
         before_lora = {"base_model": model, "base_exact_match": scoring.exact_match([a.response for a in base_answers], [r["output"] for r in heldout])}
         settings = dict(lora_r=config.lora_r, lora_alpha=config.lora_alpha, learning_rate=config.lora_learning_rate)
     else:
         before_lora, settings = {}, dict(learning_rate=config.learning_rate)
-    summary = train.run(_train_config(config, model, dataset, "demo", heldout, **settings))
+    summary = recipe.run(_train_config(config, model, dataset, "demo", heldout, **settings))
     summary.update(before_lora, dataset=str(dataset))
     results = _answer(summary["hf_model"], heldout)
     summary["exact_match"] = scoring.exact_match([r.response for r in results], [r["output"] for r in heldout])
@@ -78,10 +81,10 @@ def run(config: DemoConfig) -> dict:
     return summary
 
 
-def _train_config(config: DemoConfig, model, dataset: Path, name: str, heldout: list[dict], **settings) -> train.TrainConfig:
+def _train_config(config: DemoConfig, model, dataset: Path, name: str, heldout: list[dict], **settings) -> recipe.TrainConfig:
     """The demo's run of ``model`` on ``dataset``; ``settings`` add flags. The run's
     samples answer the first held-out records."""
-    return train.TrainConfig(
+    return recipe.TrainConfig(
         model=str(model),
         dataset=str(dataset),
         max_length=256,
@@ -108,7 +111,7 @@ def _train_config(config: DemoConfig, model, dataset: Path, name: str, heldout: 
 
 def _answer(model_dir: str, records: list[dict]) -> list:
     """Greedy answers of the exported model to ``records``."""
-    from dolly_ray.generation import GenerationParams, InstructionGenerator
+    from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
 
     generator = InstructionGenerator.from_pretrained(model_dir)
     return generator.generate([{"instruction": r["instruction"], "input": r["input"]} for r in records], GenerationParams(greedy=True, max_new_tokens=24))

@@ -22,7 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from dolly_ray import prompts, tasks
+from dolly_ray import prompts
+from dolly_ray.records import tasks
 
 EOS_TOKEN = "<|endoftext|>"
 REPO = Path(__file__).resolve().parent.parent  # jobs are submitted from the checkout
@@ -141,12 +142,12 @@ def cpu_train_config(model: str | Path, dataset: str | Path, storage_path: str |
     Each worker takes half a CPU so Ray Data keeps one on a 2-core machine; records are
     short, 10% are held out, and eval runs only at the end unless overridden.
     """
-    from dolly_ray import train
+    from dolly_ray.train import recipe
 
     settings = dict(
         max_length=128, eval_fraction=0.1, eval_every=0, num_workers=2, cpus_per_worker=0.5, preset="cpu"
     )
-    return train.TrainConfig(
+    return recipe.TrainConfig(
         model=str(model), dataset=str(dataset), storage_path=str(storage_path), name=name, **{**settings, **overrides}
     )
 

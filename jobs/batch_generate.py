@@ -1,4 +1,4 @@
-"""Generate a response for every row of a dataset with Ray Data (see dolly_ray/batch_generate.py).
+"""Generate a response for every row of a dataset with Ray Data (see dolly_ray/batch/generation.py).
 
     python jobs/batch_generate.py --model runs/gptj/model --input prompts.jsonl --output responses.jsonl
     ray job submit -- python jobs/batch_generate.py --model ... --num-actors 8 --num-gpus-per-actor 1
@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 
 from dolly_ray import cli
-from dolly_ray.batch_generate import BatchConfig, run
+from dolly_ray.batch.config import BatchConfig
+from dolly_ray.batch.generation import run
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Score a checkpoint's greedy answers over a dataset with reference outputs (see dolly_ray/evaluate.py).
+"""Score a checkpoint's greedy answers over a dataset with reference outputs (see dolly_ray/batch/evaluate.py).
 
     python jobs/evaluate.py --model runs/dolly/checkpoint_000010/hf --dataset heldout.jsonl
     ray job submit -- python jobs/evaluate.py --model s3://bucket/run/hf --dataset s3://bucket/eval.parquet --num-actors 4
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from dolly_ray import cli
-from dolly_ray.evaluate import EvalConfig, report_lines, run
+from dolly_ray.batch.evaluate import EvalConfig, report_lines, run
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 
 from dolly_ray import cli
-from dolly_ray.serve import ServeConfig, run
+from dolly_ray.serve.config import ServeConfig
+from dolly_ray.serve.server import run
 
 
 def main(argv: list[str] | None = None) -> None:

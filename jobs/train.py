@@ -9,15 +9,16 @@ The last line printed is a JSON summary: checkpoint, hf_model, train_loss, eval_
 
 import argparse
 
-from dolly_ray import cli, train
+from dolly_ray import cli
+from dolly_ray.train import recipe
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_config_flags(parser, train.TrainConfig)
+    cli.add_config_flags(parser, recipe.TrainConfig)
     cli.add_summary_flag(parser)
     args = parser.parse_args()
-    cli.finish(train.run(cli.config_from_args(train.TrainConfig, args)), args.summary_file)
+    cli.finish(recipe.run(cli.config_from_args(recipe.TrainConfig, args)), args.summary_file)
 
 
 if __name__ == "__main__":

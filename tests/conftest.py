@@ -9,7 +9,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-from dolly_ray import tasks, testing  # noqa: E402
+from dolly_ray import testing
+from dolly_ray.records import tasks
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +36,7 @@ def family_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def generator(tiny_model_dir):
     """The tiny model loaded once for every test that compares against its answers."""
-    from dolly_ray.generation import InstructionGenerator
+    from dolly_ray.generate.generator import InstructionGenerator
 
     return InstructionGenerator.from_pretrained(tiny_model_dir)
 
@@ -83,7 +84,7 @@ def reference_run(ray_local, tmp_path_factory):
     and samples: its answers to ``prompts``); ``base`` the model it adapts."""
     import types
 
-    from dolly_ray import train
+    from dolly_ray.train import recipe
 
     storage = tmp_path_factory.mktemp("reference")
     base = testing.build_model(storage / "base", head_bias_std=0.5)
@@ -98,7 +99,7 @@ def reference_run(ray_local, tmp_path_factory):
         return testing.cpu_train_config(base, dataset, storage, name, **{**settings, **overrides})
 
     tensorboard = storage / "tensorboard"
-    summary = train.run(config("uninterrupted", tensorboard_dir=str(tensorboard), sample_prompts=REFERENCE_PROMPTS))
+    summary = recipe.run(config("uninterrupted", tensorboard_dir=str(tensorboard), sample_prompts=REFERENCE_PROMPTS))
     return types.SimpleNamespace(
         config=config, storage=storage, summary=summary, tensorboard=tensorboard / "uninterrupted", base=str(base), prompts=REFERENCE_PROMPTS
     )

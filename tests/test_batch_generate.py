@@ -10,10 +10,12 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from dolly_ray import batch_generate, cluster, testing
+from dolly_ray import cluster, testing
+from dolly_ray.batch import generation
+from dolly_ray.batch.config import BatchConfig
 from dolly_ray.cli import ConfigError
-from dolly_ray.sources import Columns, DataError
-from dolly_ray.generation import GenerationParams, InstructionGenerator
+from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
+from dolly_ray.records.sources import Columns, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "jobs", "batch_generate.py")
@@ -73,7 +75,7 @@ def _check(rows_out, expected):
 def test_jsonl_in_jsonl_out(ray_local, tiny_model_dir, tmp_path, expected):
     source = _write_jsonl(tmp_path / "in.jsonl", ROWS)
     output = tmp_path / "out" / "responses.jsonl"
-    summary = batch_generate.run(batch_generate.BatchConfig(model=tiny_model_dir, input=source, output=str(output), **PARAMS))
+    summary = generation.run(BatchConfig(model=tiny_model_dir, input=source, output=str(output), **PARAMS))
     rows_out = [json.loads(line) for line in output.read_text().splitlines()]
     _check(rows_out, expected)
     assert rows_out[3]["instruction"] == 42  # the original value, untouched
@@ -87,8 +89,8 @@ def test_jsonl_in_jsonl_out(ray_local, tiny_model_dir, tmp_path, expected):
 def test_column_mapping_and_parquet_out(ray_local, tiny_model_dir, tmp_path, expected):
     source = _write_jsonl(tmp_path / "in.jsonl", ROWS, rename={"instruction": "prompt", "input": "context"})
     output = tmp_path / "responses.parquet"
-    summary = batch_generate.run(
-        batch_generate.BatchConfig(
+    summary = generation.run(
+        BatchConfig(
             model=tiny_model_dir, input=source, output=str(output), columns="instruction=prompt,input=context", **PARAMS
         )
     )
@@ -113,7 +115,7 @@ def test_lone_surrogates_flag_the_row_in_parquet_and_stay_exact_in_jsonl(ray_loc
     source.write_text("\n".join(lines) + "\n")
 
     def run(output):
-        return batch_generate.run(batch_generate.BatchConfig(model=tiny_model_dir, input=str(source), output=str(tmp_path / output), **PARAMS))
+        return generation.run(BatchConfig(model=tiny_model_dir, input=str(source), output=str(tmp_path / output), **PARAMS))
 
     summary = run("out.parquet")
     rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
@@ -139,8 +141,8 @@ def test_saved_hf_dataset_in(ray_local, tiny_model_dir, tmp_path, expected):
         str(tmp_path / "ds")
     )
     output = tmp_path / "out.data"
-    summary = batch_generate.run(
-        batch_generate.BatchConfig(model=tiny_model_dir, input=str(tmp_path / "ds"), output=str(output), output_format="jsonl", **PARAMS)
+    summary = generation.run(
+        BatchConfig(model=tiny_model_dir, input=str(tmp_path / "ds"), output=str(output), output_format="jsonl", **PARAMS)
     )
     rows_out = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["id"] for r in rows_out] == [r["id"] for r in records]
@@ -150,20 +152,20 @@ def test_saved_hf_dataset_in(ray_local, tiny_model_dir, tmp_path, expected):
 
 
 def test_input_columns():
-    assert batch_generate.input_columns("alpaca") == Columns("instruction", "input", None)
-    assert batch_generate.input_columns("dolly") == Columns("instruction", "context", None)
-    assert batch_generate.input_columns("instruction=prompt,input=context") == Columns("prompt", "context", None)
-    assert batch_generate.input_columns("instruction=q,input=") == Columns("q", None, None)
-    assert batch_generate.input_columns("instruction=q,input=c,output=a") == Columns("q", "c", None)
+    assert generation.input_columns("alpaca") == Columns("instruction", "input", None)
+    assert generation.input_columns("dolly") == Columns("instruction", "context", None)
+    assert generation.input_columns("instruction=prompt,input=context") == Columns("prompt", "context", None)
+    assert generation.input_columns("instruction=q,input=") == Columns("q", None, None)
+    assert generation.input_columns("instruction=q,input=c,output=a") == Columns("q", "c", None)
     for bad in ("prompt", "input=context", "instruction=q,answer=a"):
         with pytest.raises(DataError):
-            batch_generate.input_columns(bad)
+            generation.input_columns(bad)
 
 
 def test_check_refuses_bad_jobs_before_ray(tiny_model_dir, tmp_path):
     source = _write_jsonl(tmp_path / "in.jsonl", ROWS)
     ok = dict(model=tiny_model_dir, input=source, output=str(tmp_path / "o.jsonl"))
-    batch_generate.check(batch_generate.BatchConfig(**ok))
+    generation.check(BatchConfig(**ok))
     bad = [
         (dict(input=str(tmp_path / "missing.jsonl")), "input not found"),
         (dict(model=str(tmp_path / "no-model")), "model directory not found"),
@@ -173,7 +175,7 @@ def test_check_refuses_bad_jobs_before_ray(tiny_model_dir, tmp_path):
     ]
     for change, message in bad:
         with pytest.raises(ConfigError, match=message):
-            batch_generate.check(batch_generate.BatchConfig(**{**ok, **change}))
+            generation.check(BatchConfig(**{**ok, **change}))
 
 
 def _run_job(*args):
@@ -219,11 +221,11 @@ def test_bad_arguments_are_one_line_errors(tiny_model_dir, tmp_path):
 
 def test_actors_that_leave_no_cpu_for_reading_are_refused(ray_local):
     cpus = ray_local.cluster_resources()["CPU"]
-    cluster.check_fits(batch_generate.actor_request(1, cpus - 1, 0.0))  # one CPU stays for the read tasks
+    cluster.check_fits(generation.actor_request(1, cpus - 1, 0.0))  # one CPU stays for the read tasks
     with pytest.raises(ConfigError, match=rf"2 actors x {cpus:g} CPU = {2 * cpus:g} CPU, plus 1 CPU for Ray Data to read the input, but"):
-        cluster.check_fits(batch_generate.actor_request(2, cpus, 0.0))
+        cluster.check_fits(generation.actor_request(2, cpus, 0.0))
     with pytest.raises(ConfigError, match=r"1 actor x 1 GPU = 1 GPU but this cluster has 0 GPU"):
-        cluster.check_fits(batch_generate.actor_request(1, 0.5, 1.0))
+        cluster.check_fits(generation.actor_request(1, 0.5, 1.0))
 
 
 def test_the_job_fails_fast_when_its_actors_cannot_all_start(tiny_model_dir, tmp_path):

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from dolly_ray import batching, data, labels, prompts, sources, tasks, testing, train
+from dolly_ray import prompts, testing
+from dolly_ray.records import sources, tasks
+from dolly_ray.train import batching, data, labels, recipe
 
 
 def _tokenized(records, tokenizer_dir, max_length):
@@ -152,7 +154,7 @@ def test_group_keeps_the_micro_batch_count_and_groups_lengths(ray_local):
 
 def test_unknown_batching_is_refused():
     with pytest.raises(ValueError, match="unknown batching 'packed'"):
-        train.TrainConfig(preset="cpu", batching="packed")
+        recipe.TrainConfig(preset="cpu", batching="packed")
 
 
 def test_packing_refuses_attention_that_ignores_positions(tiny_model):

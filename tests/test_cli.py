@@ -10,20 +10,22 @@ import time
 
 import pytest
 
-from dolly_ray import cli, generation, tasks, testing, train
+from dolly_ray import cli, testing
+from dolly_ray.records import tasks
+from dolly_ray.train import recipe, settle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    cli.add_config_flags(parser, train.TrainConfig)
-    return cli.config_from_args(train.TrainConfig, parser.parse_args(argv))
+    cli.add_config_flags(parser, recipe.TrainConfig)
+    return cli.config_from_args(recipe.TrainConfig, parser.parse_args(argv))
 
 
 def test_defaults_are_the_real_thing():
     config = _parse([])
-    # use_gpu stays open under preset auto until the cluster is known (deepspeed_config.settle_on_driver).
+    # use_gpu stays open under preset auto until the cluster is known (train.settle.preset_on_driver).
     assert (config.model, config.dataset, config.preset, config.use_gpu) == ("EleutherAI/gpt-j-6B", "tatsu-lab/alpaca", "auto", None)
 
 
@@ -119,11 +121,11 @@ def test_a_request_the_cluster_cannot_grant_fails_fast(ray_local, tiny_model_dir
 
 
 def test_an_embedded_ray_gives_workers_the_cpus_ray_data_leaves(ray_local, tiny_model_dir):
-    config = train.TrainConfig(model=tiny_model_dir, preset="cpu", num_workers=2)
-    settled, memory = train.settle(config, generation.check_loadable_model(tiny_model_dir))
+    config = recipe.TrainConfig(model=tiny_model_dir, preset="cpu", num_workers=2)
+    settled, memory = settle.settle(config)
     assert settled.cpus_per_worker == (ray_local.cluster_resources()["CPU"] - 1) / 2
     assert (settled.micro_batch_size, settled.gradient_checkpointing) == (8, False) and memory.fits
-    kept = train.settle(train.TrainConfig(model=tiny_model_dir, preset="cpu", cpus_per_worker=1.5, micro_batch_size=3), generation.check_loadable_model(tiny_model_dir))[0]
+    kept = settle.settle(recipe.TrainConfig(model=tiny_model_dir, preset="cpu", cpus_per_worker=1.5, micro_batch_size=3))[0]
     assert (kept.cpus_per_worker, kept.micro_batch_size) == (1.5, 3)
 
 

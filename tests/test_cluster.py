@@ -15,7 +15,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from dolly_ray import deepspeed_config, testing, train
+from dolly_ray import testing
+from dolly_ray.train import recipe, settle
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,17 +65,17 @@ def test_nothing_listens_beyond_the_head_nodes_localhost(cluster_config):
 
 
 def test_auto_preset_settles_gpu_or_cpu_on_the_driver():
-    def settle(cluster_gpus, **flags):
-        config = train.TrainConfig(**{"preset": "auto", **flags})
-        return deepspeed_config.settle_on_driver(config.preset, config.use_gpu, config.accelerator_type, cluster_gpus)
+    def on_driver(cluster_gpus, **flags):
+        config = recipe.TrainConfig(**{"preset": "auto", **flags})
+        return settle.preset_on_driver(config.preset, config.use_gpu, config.accelerator_type, cluster_gpus)
 
-    assert settle(cluster_gpus=0) == ("cpu", False)
-    assert settle(cluster_gpus=8) == ("auto", True)  # the workers pick from their GPUs
+    assert on_driver(cluster_gpus=0) == ("cpu", False)
+    assert on_driver(cluster_gpus=8) == ("auto", True)  # the workers pick from their GPUs
     # Asking for GPUs waits for the autoscaler instead of falling back to the CPU.
-    assert settle(0, accelerator_type="A10G")[1] is True
-    assert settle(0, use_gpu=True)[1] is True
-    assert settle(8, use_gpu=False)[0] == "cpu"
-    assert settle(0, preset="v100")[0] == "v100"
+    assert on_driver(0, accelerator_type="A10G")[1] is True
+    assert on_driver(0, use_gpu=True)[1] is True
+    assert on_driver(8, use_gpu=False)[0] == "cpu"
+    assert on_driver(0, preset="v100")[0] == "v100"
 
 
 # --- a real local cluster and `ray job submit` -------------------------------------

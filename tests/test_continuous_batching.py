@@ -5,8 +5,8 @@ import asyncio
 
 import pytest
 
-from dolly_ray.continuous_batching import ContinuousBatcher, Unsupported, kv_cache_blocks
-from dolly_ray.generation import GenerationParams, GenerationResult, InstructionGenerator
+from dolly_ray.generate.continuous_batching import ContinuousBatcher, Unsupported, kv_cache_blocks
+from dolly_ray.generate.generator import GenerationParams, GenerationResult, InstructionGenerator
 
 GREEDY = GenerationParams(greedy=True, max_new_tokens=24)
 REQUESTS = ["Reverse the word.", ("Sort the numbers.", "3 1 2"), "x" * 40, "Name a color.", "Give three tips for staying healthy."] * 3

@@ -9,8 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from ray.data.expressions import col
 
-from dolly_ray import data, prompts, sources, testing
-from dolly_ray.labels import IGNORE_INDEX
+from dolly_ray import prompts, testing
+from dolly_ray.records import sources
+from dolly_ray.train import data
+from dolly_ray.train.labels import IGNORE_INDEX
 
 
 def _prepare(source, model_dir, **config):

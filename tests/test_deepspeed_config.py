@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dolly_ray import deepspeed_config
+from dolly_ray.train import deepspeed_config
 
 
 def _build(preset, **overrides):

@@ -7,8 +7,11 @@ import sys
 
 import pytest
 
-from dolly_ray import evaluate, scoring, tasks, testing
-from dolly_ray.generation import GenerationParams
+from dolly_ray import testing
+from dolly_ray.batch import evaluate
+from dolly_ray.generate import scoring
+from dolly_ray.generate.generator import GenerationParams
+from dolly_ray.records import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = GenerationParams(greedy=True, max_new_tokens=8)

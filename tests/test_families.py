@@ -13,9 +13,14 @@ import requests
 import torch
 from safetensors.torch import load_file
 
-from dolly_ray import batch_generate, checkpoint, memory_plan, prompts, tasks, testing, train
-from dolly_ray import serve as dolly_serve
-from dolly_ray.generation import GenerationParams, InstructionGenerator
+from dolly_ray import prompts, testing
+from dolly_ray.batch import generation
+from dolly_ray.batch.config import BatchConfig
+from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
+from dolly_ray.records import tasks
+from dolly_ray.serve import server as dolly_serve
+from dolly_ray.serve.config import ServeConfig
+from dolly_ray.train import checkpoint, memory_plan, recipe
 
 # The rest of the suite runs GPT-J's whole path.
 WHOLE_PATH = [family for family in testing.FAMILIES if family != "gptj"]
@@ -45,7 +50,7 @@ def trained(request, ray_local, family_model_dir, tmp_path_factory):
             learning_rate=2e-3, warmup_steps=1, log_every=1, checkpoint_every=0,
             sample_prompts=[{"instruction": i, "input": input or ""} for i, input in INSTRUCTIONS] if strategy == "pack" else [],
         )  # fmt: skip
-        runs[strategy] = train.run(config)
+        runs[strategy] = recipe.run(config)
     return Trained(family, base_model, runs)
 
 
@@ -116,7 +121,7 @@ def test_serve_answers_with_the_family(trained, reloaded, serve_http):
     from ray import serve
 
     name = f"tiny-{trained.family}"
-    app = dolly_serve.build_app(dolly_serve.ServeConfig(model=trained.runs["pack"]["hf_model"], model_name=name, num_cpus_per_replica=0.5))
+    app = dolly_serve.build_app(ServeConfig(model=trained.runs["pack"]["hf_model"], model_name=name, num_cpus_per_replica=0.5))
     serve.run(app, name=name, route_prefix=f"/{trained.family}")
     try:
         client = openai.OpenAI(base_url=f"{serve_http}/{trained.family}/v1", api_key="unused")
@@ -141,8 +146,8 @@ def test_batch_generation_answers_every_row(trained, reloaded, tmp_path):
     rows = [{"instruction": instruction, "input": input or "", "id": i} for i, (instruction, input) in enumerate(INSTRUCTIONS)]
     source.write_text("".join(json.dumps(row) + "\n" for row in rows[:2]) + '{"input": "no instruction"}\n' + json.dumps(rows[2]) + "\n")
     output = tmp_path / "out.jsonl"
-    summary = batch_generate.run(
-        batch_generate.BatchConfig(
+    summary = generation.run(
+        BatchConfig(
             model=trained.runs["pack"]["hf_model"], input=str(source), output=str(output), greedy=True,
             max_new_tokens=GREEDY.max_new_tokens, batch_size=2, num_actors=1, num_cpus_per_actor=1,
         )
@@ -164,7 +169,7 @@ def test_the_memory_plan_reads_each_family(family, family_model_dir, ray_local, 
 
     model_dir = family_model_dir(family)
     config = testing.cpu_train_config(model_dir, "tatsu-lab/alpaca", tmp_path, "plan", dry_run=True)
-    plan = train.run(config)
+    plan = recipe.run(config)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert plan["dry_run"] is True and plan["parameters"] == sum(p.numel() for p in model.parameters())
     assert plan["per_gpu_gib"]["total"] > 0 and not os.listdir(tmp_path)

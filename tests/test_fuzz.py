@@ -7,7 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dolly_ray import batch_generate, checkpoint, data, fuzz, sources, tasks, testing, train
+from dolly_ray import testing
+from dolly_ray.batch import generation
+from dolly_ray.batch.config import BatchConfig
+from dolly_ray.records import fuzz, sources, tasks
+from dolly_ray.train import checkpoint, data, recipe
 
 
 def _good(n, seed=3):
@@ -66,16 +70,16 @@ def test_wrong_file_extension_gives_a_clear_error(ray_local, tiny_model_dir, tmp
 def test_batch_job_refuses_an_unsupported_file_type(tiny_model_dir, tmp_path):
     # The batch job reads with the same reader (sources.read_raw), so it gives the same errors.
     (tmp_path / "records.txt").write_text("".join(json.dumps(r) + "\n" for r in _good(3)))
-    config = batch_generate.BatchConfig(model=tiny_model_dir, input=str(tmp_path / "records.txt"), output=str(tmp_path / "out.jsonl"))
+    config = BatchConfig(model=tiny_model_dir, input=str(tmp_path / "records.txt"), output=str(tmp_path / "out.jsonl"))
     with pytest.raises(sources.DataError, match=WRONG_EXTENSIONS["records.txt"]):
-        batch_generate.run(config)
+        generation.run(config)
     assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_batch_job_answers_or_flags_every_hostile_row(ray_local, tiny_model_dir, tmp_path):
     path = tmp_path / "hostile.jsonl"
     lines = fuzz.write_mixed_jsonl(path, _good(len(fuzz.cases(0))), seed=3)
-    config = batch_generate.BatchConfig(
+    config = BatchConfig(
         model=tiny_model_dir,
         input=str(path),
         output=str(tmp_path / "out.jsonl"),
@@ -84,7 +88,7 @@ def test_batch_job_answers_or_flags_every_hostile_row(ray_local, tiny_model_dir,
         batch_size=8,
         num_cpus_per_actor=0.5,
     )
-    summary = batch_generate.run(config)
+    summary = generation.run(config)
     with open(tmp_path / "out.jsonl", "rb") as f:
         rows = [json.loads(line) for line in f]
     assert summary["rows"] == len(rows) == len(lines)
@@ -110,7 +114,7 @@ def test_training_on_a_half_hostile_file_uses_exactly_the_good_half(ray_local, t
         tiny_model_dir, path, tmp_path / "runs", "hostile", epochs=1, micro_batch_size=8, batching="group", learning_rate=2e-3, warmup_steps=1,
         log_every=1, checkpoint_every=0,
     )  # fmt: skip
-    summary = train.run(config)
+    summary = recipe.run(config)
     history = checkpoint.read_history(summary["checkpoint"])
     assert [row["step"] for row in history] == list(range(1, summary["steps"] + 1)) and history[-1]["train_loss"] < history[0]["train_loss"]
     usable = _usable(lines)

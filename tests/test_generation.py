@@ -6,13 +6,7 @@ import pytest
 import torch
 
 from dolly_ray import prompts, testing
-from dolly_ray.generation import (
-    GenerationParams,
-    GenerationResult,
-    InstructionGenerator,
-    default_dtype,
-    length_sorted_batches,
-)
+from dolly_ray.generate.generator import GenerationParams, GenerationResult, InstructionGenerator, default_dtype, length_sorted_batches
 
 GREEDY = GenerationParams(greedy=True, max_new_tokens=16)
 

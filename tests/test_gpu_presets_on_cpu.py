@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dolly_ray import checkpoint, tasks
+from dolly_ray.records import tasks
+from dolly_ray.train import checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.gpu_presets_on_cpu]
 

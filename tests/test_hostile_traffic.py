@@ -20,8 +20,9 @@ import psutil
 import pytest
 import requests
 
-from dolly_ray import serve as dolly_serve
-from dolly_ray.generation import GenerationParams
+from dolly_ray.generate.generator import GenerationParams
+from dolly_ray.serve import server as dolly_serve
+from dolly_ray.serve.config import ServeConfig
 
 SEED = 20261122
 NUM_HOSTILE = 600
@@ -33,9 +34,9 @@ ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
 GREEDY = GenerationParams(greedy=True, max_new_tokens=TOKENS)
 
 
-def _config(tiny_model_dir, **overrides) -> dolly_serve.ServeConfig:
+def _config(tiny_model_dir, **overrides) -> ServeConfig:
     common = dict(model=tiny_model_dir, max_new_tokens=TOKENS, max_new_tokens_limit=LIMIT, max_request_bytes=BODY_LIMIT)
-    return dolly_serve.ServeConfig(**{**common, **overrides})
+    return ServeConfig(**{**common, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPTJConfig
 
-from dolly_ray import checkpoint, lora, memory_plan, prompts, testing, train
+from dolly_ray import prompts, testing
 from dolly_ray.cli import ConfigError
-from dolly_ray.generation import GenerationParams, InstructionGenerator
+from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
+from dolly_ray.train import checkpoint, lora, memory_plan, recipe
 
 LORA = {"r": 8, "alpha": 16.0, "dropout": 0.05, "targets": "all-linear"}
 PROMPTS = [{"instruction": "Reverse the letters of the word.", "input": "ray"}, {"instruction": "Sort the numbers.", "input": "3 1 2"}]
@@ -77,7 +78,7 @@ def test_the_plan_counts_only_what_lora_trains():
 @pytest.mark.slow
 def test_a_dry_run_plans_lora_and_refuses_targets_the_model_lacks(ray_local, tiny_model_dir, tmp_path):
     def plan(**lora_flags):
-        return train.run(testing.cpu_train_config(tiny_model_dir, "tatsu-lab/alpaca", tmp_path, "plan", dry_run=True, **lora_flags))
+        return recipe.run(testing.cpu_train_config(tiny_model_dir, "tatsu-lab/alpaca", tmp_path, "plan", dry_run=True, **lora_flags))
 
     full, adapted = plan(), plan(lora_r=8)
     assert adapted["parameters"] == full["parameters"] == full["trainable_parameters"] > 5 * adapted["trainable_parameters"]

@@ -8,7 +8,8 @@ import shutil
 import pytest
 from transformers import GPTJConfig
 
-from dolly_ray import deepspeed_config, memory_plan, testing
+from dolly_ray import testing
+from dolly_ray.train import deepspeed_config, memory_plan, settle
 
 GIB = 2**30
 
@@ -20,7 +21,7 @@ def gptj_6b():
 
 def _choose(shape, gpu, workers, memory=None, **fixed):
     fixed = {"micro_batch_size": None, "gradient_checkpointing": None, **fixed}
-    preset = memory_plan.preset_for_accelerator(gpu, memory)
+    preset = settle.preset_for_accelerator(gpu, memory)
     return memory_plan.choose(shape, preset=preset, workers=workers, max_length=1024, gpu=gpu, gpu_memory_gib=memory, **fixed)
 
 

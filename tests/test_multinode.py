@@ -22,8 +22,10 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from dolly_ray import checkpoint, storage, tasks, testing
-from dolly_ray.generation import GenerationParams, InstructionGenerator
+from dolly_ray import storage, testing
+from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
+from dolly_ray.records import tasks
+from dolly_ray.train import checkpoint
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 

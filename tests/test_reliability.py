@@ -10,7 +10,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from dolly_ray import checkpoint, train
+from dolly_ray.train import checkpoint, recipe
 
 
 class WorkerKiller(threading.Thread):
@@ -76,7 +76,7 @@ def test_training_survives_three_worker_kills_without_retraining_a_record(refere
     killer = WorkerKiller(reference_run.storage / "faulty", kills=3, before_step=10)
     killer.start()
     try:
-        faulty = train.run(reference_run.config("faulty", max_failures=3))
+        faulty = recipe.run(reference_run.config("faulty", max_failures=3))
     finally:
         killer.done.set()
         killer.join()

@@ -10,10 +10,13 @@ import shutil
 import pytest
 import torch
 
-from dolly_ray import batch_generate, generation, train
-from dolly_ray import serve as dolly_serve
+from dolly_ray import models
+from dolly_ray.batch import generation
+from dolly_ray.batch.config import BatchConfig
 from dolly_ray.cli import ConfigError
-from dolly_ray.generation import GenerationParams, InstructionGenerator
+from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
+from dolly_ray.serve import server as dolly_serve
+from dolly_ray.train import recipe
 
 
 def _pickle_only_copy(model_dir, path):
@@ -29,16 +32,16 @@ def test_pickle_weights_are_refused_everywhere_unless_allowed(tiny_model_dir, tm
     pickled = _pickle_only_copy(tiny_model_dir, tmp_path / "pickled")
     with pytest.raises(OSError):
         InstructionGenerator.from_pretrained(pickled)
-    config = train.TrainConfig(model=pickled, dataset="unused.jsonl", preset="cpu")
+    config = recipe.TrainConfig(model=pickled, dataset="unused.jsonl", preset="cpu")
     with pytest.raises(ValueError, match="no safetensors weights.*--allow-pickle"):
-        train.run(config)  # refused on the driver, before any data or worker
+        recipe.run(config)  # refused on the driver, before any data or worker
     with pytest.raises(ConfigError, match="no safetensors weights.*--allow-pickle"):
-        batch_generate.check(batch_generate.BatchConfig(model=pickled, input=tiny_model_dir, output=str(tmp_path / "out.jsonl")))
+        generation.check(BatchConfig(model=pickled, input=tiny_model_dir, output=str(tmp_path / "out.jsonl")))
     with pytest.raises(ConfigError, match="no safetensors weights"):
         dolly_serve.app_builder({"model": pickled})
 
-    generation.check_loadable_model(pickled, allow_pickle=True)
-    batch_generate.check(batch_generate.BatchConfig(model=pickled, input=tiny_model_dir, output=str(tmp_path / "out.jsonl"), allow_pickle=True))
+    models.check_loadable_model(pickled, allow_pickle=True)
+    generation.check(BatchConfig(model=pickled, input=tiny_model_dir, output=str(tmp_path / "out.jsonl"), allow_pickle=True))
     generator = InstructionGenerator.from_pretrained(pickled, allow_pickle=True)
     assert generator.generate(["Say hi"], GenerationParams(greedy=True, max_new_tokens=2))[0].num_generated_tokens >= 1
     InstructionGenerator.from_pretrained(tiny_model_dir, allow_pickle=True)  # safetensors still load
@@ -75,9 +78,9 @@ def test_remote_code_is_refused_without_trust_remote_code(tiny_model_dir, tmp_pa
     with pytest.raises(ValueError, match="trust_remote_code"):
         InstructionGenerator.from_pretrained(custom)
     with pytest.raises(ValueError, match="cannot load model.*custom code"):
-        train.run(train.TrainConfig(model=custom, dataset="unused.jsonl", preset="cpu"))
+        recipe.run(recipe.TrainConfig(model=custom, dataset="unused.jsonl", preset="cpu"))
     with pytest.raises(ConfigError, match="cannot load model.*custom code"):
-        batch_generate.check(batch_generate.BatchConfig(model=custom, input=tiny_model_dir, output=str(tmp_path / "out.jsonl")))
+        generation.check(BatchConfig(model=custom, input=tiny_model_dir, output=str(tmp_path / "out.jsonl")))
     # A known model type with custom code beside it loads the built-in class instead.
     known = _custom_code_copy(tiny_model_dir, tmp_path / "known", marker, "gptj")
     assert type(InstructionGenerator.from_pretrained(known).model).__name__ == "GPTJForCausalLM"

@@ -11,10 +11,11 @@ import pytest
 import requests
 import yaml
 
-from dolly_ray import serve as dolly_serve
 from dolly_ray import testing
 from dolly_ray.cli import ConfigError
-from dolly_ray.generation import GenerationParams
+from dolly_ray.generate.generator import GenerationParams
+from dolly_ray.serve import server as dolly_serve
+from dolly_ray.serve.config import ServeConfig, default_model_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW_TOKENS = 12
@@ -34,7 +35,7 @@ def test_serve_config_yaml_deploys_the_app_builder(tiny_model_dir):
     with open(os.path.join(ROOT, "serve_config.yaml")) as f:
         config = yaml.safe_load(f)
     [app] = ServeDeploySchema.model_validate(config).applications
-    assert app.import_path == "dolly_ray.serve:app_builder"
+    assert app.import_path == "dolly_ray.serve.server:app_builder"
     assert config["http_options"]["host"] == "127.0.0.1"
     # On this test's Ray: a replica of the file's size would not fit its CPUs (and is refused).
     args = {**app.args, "model": tiny_model_dir, "num_gpus_per_replica": 0, "num_cpus_per_replica": 0.5}
@@ -42,7 +43,7 @@ def test_serve_config_yaml_deploys_the_app_builder(tiny_model_dir):
     deployment = built._bound_deployment
     assert deployment.ray_actor_options["num_cpus"] == args["num_cpus_per_replica"]
     assert deployment.max_ongoing_requests == 2 * args["max_batch_size"]
-    # `serve run dolly_ray.serve:app_builder max_batch_size=8 ...` passes text
+    # `serve run dolly_ray.serve.server:app_builder max_batch_size=8 ...` passes text
     built = dolly_serve.app_builder({"model": tiny_model_dir, "max_batch_size": "8", "autoscaling": {"max_replicas": 3}})
     assert built._bound_deployment.init_args[0].max_batch_size == 8
     assert built._bound_deployment._deployment_config.autoscaling_config.max_replicas == 3
@@ -69,8 +70,8 @@ def test_bad_options_are_refused_before_any_replica_starts(tiny_model_dir, args,
 
 
 def test_default_model_name():
-    assert dolly_serve.default_model_name("/runs/gptj/checkpoint_000010/hf/") == "checkpoint_000010"
-    assert dolly_serve.default_model_name("models/my-dolly") == "my-dolly"
+    assert default_model_name("/runs/gptj/checkpoint_000010/hf/") == "checkpoint_000010"
+    assert default_model_name("models/my-dolly") == "my-dolly"
 
 
 def test_job_help_and_one_line_errors():
@@ -109,8 +110,8 @@ def server(serve_http, tiny_model_dir):
         max_new_tokens_limit=LIMIT,
         max_request_bytes=BODY_LIMIT,
     )
-    open_app = dolly_serve.build_app(dolly_serve.ServeConfig(**common, max_batch_size=16))
-    keyed_app = dolly_serve.build_app(dolly_serve.ServeConfig(**common, model_name="keyed", api_key=KEY))
+    open_app = dolly_serve.build_app(ServeConfig(**common, max_batch_size=16))
+    keyed_app = dolly_serve.build_app(ServeConfig(**common, model_name="keyed", api_key=KEY))
     serve.run_many(
         [serve.RunTarget(open_app, name="dolly_open", route_prefix="/"), serve.RunTarget(keyed_app, name="dolly_keyed", route_prefix="/keyed")]
     )
@@ -143,7 +144,7 @@ def test_openai_client_completions_chat_and_streams(server, generator, tiny_mode
     import openai
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
-    name = dolly_serve.default_model_name(tiny_model_dir)
+    name = default_model_name(tiny_model_dir)
     assert [m.id for m in client.models.list()] == [name]
     instruction = "Give three tips for staying healthy."
     [expected] = generator.generate([instruction], GREEDY)
@@ -197,7 +198,7 @@ def test_concurrent_streamed_chats_share_batches_and_equal_their_whole_answers(s
     each stream joins to the answer the same request gets whole (and the generator gives alone)."""
     import openai
 
-    name = dolly_serve.default_model_name(tiny_model_dir)
+    name = default_model_name(tiny_model_dir)
     chats = [[{"role": "user", "content": f"Chat {i}: spell {'abcdefgh'[i % 8] * (2 + i % 4)} backwards."}] for i in range(16)]
 
     async def streamed(client, messages):

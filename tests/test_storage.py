@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from dolly_ray import generation, storage
-from dolly_ray.generation import GenerationParams, InstructionGenerator
+from dolly_ray import models, storage
+from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
 
 
 def test_uris_local_paths_and_hub_ids():
@@ -34,13 +34,13 @@ def test_a_model_on_remote_storage_is_fetched_once_then_loaded(tiny_model_dir, t
 def test_a_driver_checks_a_remote_model_without_fetching_its_weights(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("dolly_ray.storage.MODEL_CACHE", str(tmp_path / "cache"))
     uri = Path(tiny_model_dir).resolve().as_uri()
-    generation.check_loadable_model(uri, max_new_tokens=16)
+    models.check_loadable_model(uri, max_new_tokens=16)
     (config_only,) = (tmp_path / "cache").iterdir()
     assert (config_only / "config.json").is_file() and not list(config_only.glob("*.safetensors"))
     with pytest.raises(ValueError, match="leaves no room for a prompt"):
-        generation.check_loadable_model(uri, max_new_tokens=100_000)
+        models.check_loadable_model(uri, max_new_tokens=100_000)
     with pytest.raises(ValueError, match="cannot load model"):
-        generation.check_loadable_model((tmp_path / "absent").as_uri())
+        models.check_loadable_model((tmp_path / "absent").as_uri())
 
 
 def test_paths_inside_a_filesystem_are_reported_as_the_uris_jobs_take_back():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dolly_ray import tasks
+from dolly_ray.records import tasks
 
 
 def test_generation_is_deterministic_and_covers_every_task():

@@ -12,8 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from dolly_ray import checkpoint, data, demo, prompts, scoring, train
-from dolly_ray.generation import GenerationParams, InstructionGenerator
+from dolly_ray import demo, prompts
+from dolly_ray.generate import scoring
+from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
+from dolly_ray.train import checkpoint, data, recipe
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +135,9 @@ def test_resume_continues_exactly_where_it_stopped(reference_run):
     events = EventAccumulator(str(reference_run.tensorboard)).Reload()
     assert {"train_loss", "eval_loss", "eval_exact_match", "eval_rouge_l", "eval_stopped_at_end"} <= set(events.Tags()["scalars"])
     with busy_cpus():  # shuffling, sharding, packing and the step follow the seed, never the timing
-        stopped = train.run(reference_run.config("interrupted", stop_after_steps=5))
+        stopped = recipe.run(reference_run.config("interrupted", stop_after_steps=5))
     assert stopped["steps"] == 5 and stopped["finished"] is False
-    resumed = train.run(reference_run.config("interrupted"))
+    resumed = recipe.run(reference_run.config("interrupted"))
     assert resumed["finished"] is True and resumed["steps"] == full["steps"] == 20  # 10 per epoch
     assert resumed["epoch"] == 2  # resumed in the first epoch, went on through the second
 
@@ -156,6 +158,6 @@ def test_resume_continues_exactly_where_it_stopped(reference_run):
 
     # Run again, the finished run restores its last checkpoint and trains nothing more.
     saved = sorted(path.name for path in (reference_run.storage / "interrupted").glob("checkpoint_*"))
-    again = train.run(reference_run.config("interrupted"))
+    again = recipe.run(reference_run.config("interrupted"))
     assert again["finished"] is True and again["steps"] == full["steps"] and again["checkpoint"] == resumed["checkpoint"]
     assert sorted(path.name for path in (reference_run.storage / "interrupted").glob("checkpoint_*")) == saved

@@ -15,9 +15,10 @@ import requests
 
 pytest.importorskip("vllm")
 
-from dolly_ray import prompts, scoring, testing  # noqa: E402
-from dolly_ray.generation import GenerationParams, InstructionGenerator  # noqa: E402
-from dolly_ray.serve import default_model_name  # noqa: E402
+from dolly_ray import prompts, testing
+from dolly_ray.generate import scoring
+from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
+from dolly_ray.serve.config import default_model_name
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

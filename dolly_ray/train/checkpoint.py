@@ -19,7 +19,9 @@ import json
 import os
 from pathlib import Path
 
-from dolly_ray import generation, lora, prompts, scoring, storage
+from dolly_ray import prompts, storage
+from dolly_ray.generate import generator, scoring
+from dolly_ray.train import lora
 
 DEEPSPEED_DIR = "deepspeed"
 HF_DIR = "hf"
@@ -49,7 +51,7 @@ def save(engine, tokenizer, directory: str | Path, *, client_state: dict, with_h
         model.save_pretrained(str(directory / ADAPTER_DIR), state_dict=adapter, save_embedding_layers=False)
         tokenizer.save_pretrained(str(directory / ADAPTER_DIR))
         state_dict, model = lora.merged_state_dict(state_dict, model), model.get_base_model()
-    model.generation_config.update(**generation.exported_generation_settings(tokenizer))
+    model.generation_config.update(**generator.exported_generation_settings(tokenizer))
     model.save_pretrained(str(directory / HF_DIR), state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(str(directory / HF_DIR))
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dolly_ray import batching, deepspeed_config, lora, prompts, storage
-from dolly_ray.train_config import StepPlan, TrainConfig
+from dolly_ray import prompts, storage
+from dolly_ray.train import batching, deepspeed_config, lora
+from dolly_ray.train.config import StepPlan, TrainConfig
 
 
 def build_engine(config: TrainConfig, plan: StepPlan, world_size: int, *, model_config=None):

@@ -21,8 +21,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import pyarrow as pa
 
-from dolly_ray import labels, prompts
-from dolly_ray.sources import SCHEMAS, DataError, iterate, read_records
+from dolly_ray import prompts
+from dolly_ray.records.sources import SCHEMAS, DataError, iterate, read_records
+from dolly_ray.train import labels
 
 logger = logging.getLogger(__name__)
 

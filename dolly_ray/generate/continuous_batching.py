@@ -21,7 +21,8 @@ from typing import AsyncIterator
 
 import torch
 
-from dolly_ray.generation import GenerationParams, GenerationResult, InstructionGenerator, Request, embedding_rows
+from dolly_ray.generate.generator import GenerationParams, GenerationResult, InstructionGenerator, Request
+from dolly_ray.models import embedding_rows
 
 # On CPU transformers would size the KV cache to 60% of the machine's RAM and prefill 8192
 # tokens per step, with an attention mask of that many rows over the whole cache.

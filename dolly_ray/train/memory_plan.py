@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from dolly_ray import deepspeed_config
+from dolly_ray.train import deepspeed_config
 
 GIB = 2**30
 # Room left on each GPU for the CUDA context and the allocator's fragmentation.
@@ -60,10 +60,6 @@ GPUS = {
 REFERENCE_GPU = {"a10": "A10G", "v100": "V100", "a100": "A100"}
 
 
-def preset_for_accelerator(accelerator_type: str, memory_gib: float | None = None) -> str:
-    """The preset a worker on this GPU type would choose (see ``deepspeed_config.preset_for_gpu``)."""
-    gpu = GPUS[accelerator_type]
-    return deepspeed_config.preset_for_gpu(gpu.compute_capability, memory_gib or gpu.memory_gib)
 
 
 @dataclass(frozen=True)
@@ -88,7 +84,7 @@ class ModelShape:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from dolly_ray import lora
+        from dolly_ray.train import lora
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
@@ -206,7 +202,6 @@ def plan(
     cpu["workers"] = per_gpu["total"] * gpus_per_node if on_cpu else 0.0  # workers on CPUs hold everything in RAM
     cpu["total"] = sum(cpu.values())
     need, have = (cpu["total"], node_memory_gib) if on_cpu else (per_gpu["total"], memory)
-    states_gpu = dtype_bytes * partition + 4 * shape.largest_module_parameters + (0.0 if offload else 16 * trained)
     return MemoryPlan(
         preset=preset,
         gpu=gpu,
@@ -222,7 +217,7 @@ def plan(
         per_gpu_gib=_gib(per_gpu),
         activations_gib=_gib(activations),
         cpu_per_node_gib=_gib(cpu),
-        model_states_gib=_gib({"gpu": states_gpu, "cpu_per_node": 16 * trained * gpus_per_node if offload else 0.0}),
+        model_states_gib=_gib(_model_states(shape, partition, trained, dtype_bytes, offload, gpus_per_node)),
         tokens_per_micro_batch=tokens,
         tokens_per_step=tokens * gradient_accumulation_steps * workers,
         fits=have is None or need <= GPU_HEADROOM * have * GIB,
@@ -258,6 +253,12 @@ def _per_gpu(shape: ModelShape, zero: dict, partition: float, trained: float, dt
         "buffers": dtype_bytes * (2 * min(zero["reduce_bucket_size"], shape.parameters) + min(zero["stage3_prefetch_bucket_size"], shape.parameters)),
     }
     return {**per_gpu, "total": sum(per_gpu.values())}
+
+
+def _model_states(shape: ModelShape, partition: float, trained: float, dtype_bytes: int, offload: bool, gpus_per_node: int) -> dict[str, float]:
+    """Parameters, gradients and optimizer state as DeepSpeed's estimator counts them."""
+    gpu = dtype_bytes * partition + 4 * shape.largest_module_parameters + (0.0 if offload else 16 * trained)
+    return {"gpu": gpu, "cpu_per_node": 16 * trained * gpus_per_node if offload else 0.0}
 
 
 def _activations(shape: ModelShape, tokens: int, max_length: int, dtype_bytes: int) -> dict[str, float]:

@@ -14,32 +14,23 @@ expanded back into columns only when written.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import re
 import time
-from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Iterator
 
 import pyarrow as pa
 
-from dolly_ray import cluster, sources, storage, vllm_engine
-from dolly_ray.cli import ConfigError, check_at_least, option
-from dolly_ray.sources import Columns, DataError
+from dolly_ray import cluster, storage
+from dolly_ray.batch import vllm_processor
+from dolly_ray.batch.config import RESULT_SCHEMA, BatchConfig
+from dolly_ray.cli import ConfigError, check_at_least
+from dolly_ray.generate import vllm_engine
+from dolly_ray.records import sources
+from dolly_ray.records.sources import Columns, DataError
 
-# What each output row gains; an input column with one of these names is kept as original_<name>.
-RESULT_SCHEMA = pa.schema(
-    [
-        ("response", pa.string()),
-        ("finish_reason", pa.string()),
-        ("num_prompt_tokens", pa.int64()),
-        ("num_generated_tokens", pa.int64()),
-        ("truncated", pa.bool_()),
-        ("error", pa.string()),
-    ]
-)
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}  # .json gets JSON lines too
 # Default rows per actor call, in generation batches: length sorting happens within a
 # call, so a few batches' worth lets it group similar lengths.
@@ -53,43 +44,6 @@ _REQUEST_SCHEMA = pa.schema(
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-@dataclass
-class BatchConfig:
-    """One batch-generation job; the CLI flags fill it one to one."""
-
-    model: str = option(dataclasses.MISSING, "checkpoint directory (local or s3://...) or Hugging Face model id")
-    input: str = option(dataclasses.MISSING, "JSON/JSONL/Parquet file or directory, a datasets dir, or a hub dataset id")
-    output: str = option(dataclasses.MISSING, "output file, local or remote; .jsonl or .parquet picks the format")
-    columns: str = option("alpaca", "schema name (alpaca, dolly) or instruction=A,input=B (an output= part is ignored)")
-    split: str = option("train", "split of a Hugging Face dataset")
-    output_format: str | None = option(None, "jsonl or parquet, overriding the output's extension")
-    engine: str = option("auto", "hf (transformers), vllm (vLLM through ray.data.llm) or auto: vllm where vLLM is installed and actors get GPUs")
-    num_actors: int = option(1, "generation actors (vllm: engines), each holding one model")
-    num_gpus_per_actor: float | None = option(None, "GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
-    num_cpus_per_actor: float | None = option(None, "CPUs per actor, fractions allowed (default: 1; on a local Ray started by this job, a share of the CPUs that reading the input leaves)")
-    batch_size: int = option(16, "prompts per model.generate call")
-    max_batch_tokens: int | None = option(None, "also cap rows x padded length per generate call (long prompts: fewer rows)")
-    rows_per_call: int | None = option(None, "rows per actor call, length-sorted within it (default: 4 x batch size)")
-    max_new_tokens: int = option(256, "longest response, in tokens")
-    greedy: bool = option(False, "greedy decoding instead of sampling")
-    temperature: float = option(1.0, "sampling temperature")
-    top_p: float = option(0.92, "nucleus sampling threshold")
-    top_k: int = option(0, "top-k sampling (0: off)")
-    seed: int | None = option(None, "seed for sampling")
-    trust_remote_code: bool = option(False, "run model code from the hub (only for models you trust)")
-    allow_pickle: bool = option(False, "allow non-safetensors weights (loading a pickle can run code)")
-
-    def params(self):
-        from dolly_ray.generation import GenerationParams
-
-        return GenerationParams(
-            max_new_tokens=self.max_new_tokens,
-            greedy=self.greedy,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
-        )
 
 
 def input_columns(spec: str | Columns) -> Columns:
@@ -167,7 +121,7 @@ class Generate:
     """map_batches callable: loads the model once per actor, then generates batch after batch."""
 
     def __init__(self, config: BatchConfig, device: str):
-        from dolly_ray.generation import InstructionGenerator
+        from dolly_ray.generate.generator import InstructionGenerator
 
         self.generator = InstructionGenerator.from_pretrained(
             config.model, device=device, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle
@@ -322,7 +276,7 @@ def check(config: BatchConfig) -> Columns:
         raise ConfigError(f"input not found: {config.input}")
     if vllm_engine.choose(config.engine, 0) == "vllm":  # a known engine, and vLLM installed if asked for
         vllm_engine.check_model(config.model)
-    from dolly_ray.generation import check_loadable_model
+    from dolly_ray.models import check_loadable_model
 
     try:
         check_loadable_model(config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, max_new_tokens=config.max_new_tokens)
@@ -362,7 +316,7 @@ def answered(config: BatchConfig) -> Iterator[Any]:
         # Blocks of rows_per_call rows, so that every actor gets a share of even one file.
         requests = read_requests(config.input, columns, fmt, config.split).repartition(target_num_rows_per_block=rows_per_call)
         if engine == "vllm":
-            yield vllm_engine.generate(requests, config, num_gpus, num_cpus)
+            yield vllm_processor.generate(requests, config, num_gpus, num_cpus)
             return
         yield requests.map_batches(
             Generate,

@@ -72,21 +72,6 @@ def check_preset(preset: str, use_gpu: bool | None, accelerator_type: str) -> bo
     return use_gpu
 
 
-def settle_on_driver(preset: str, use_gpu: bool | None, accelerator_type: str, cluster_gpus: float) -> tuple[str, bool]:
-    """``(preset, use_gpu)`` once the driver knows the cluster.
-
-    ``auto`` on a cluster without GPUs (and no ``use_gpu`` or ``accelerator_type``
-    asking to wait for the autoscaler to add some) is ``cpu``. With GPUs it stays
-    ``auto``: each worker picks the preset from the device it got (``agreed_gpu_preset``).
-    """
-    if preset != AUTO:
-        return preset, bool(use_gpu)
-    if use_gpu is None:
-        use_gpu = bool(cluster_gpus or accelerator_type)
-    if not use_gpu:
-        logger.info("preset auto: no GPUs in the cluster, using the cpu preset")
-        return "cpu", False
-    return AUTO, True
 
 
 def preset_for_gpu(compute_capability: tuple[int, int], memory_gib: float) -> str:

@@ -11,7 +11,6 @@ the same storage path and name resumes from the latest checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import math
 import queue
@@ -27,11 +26,13 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
-from dolly_ray import batching, cluster, data, deepspeed_config, generation, labels, memory_plan, prompts, scoring, storage
-from dolly_ray import checkpoint as ckpt
+from dolly_ray import cluster, prompts, storage
 from dolly_ray.cli import ConfigError
-from dolly_ray.engine import build_engine
-from dolly_ray.train_config import DEFAULT_CPUS_PER_WORKER, StepPlan, TrainConfig, plan_steps, stop_step
+from dolly_ray.generate import scoring
+from dolly_ray.train import batching, data, labels, memory_plan, settle
+from dolly_ray.train import checkpoint as ckpt
+from dolly_ray.train.config import StepPlan, TrainConfig, plan_steps, stop_step
+from dolly_ray.train.engine import build_engine
 
 logger = logging.getLogger(__name__)
 
@@ -61,34 +62,16 @@ class DeterministicSplit(ray.train.DataConfig):
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
-    """Check, prepare the data, train, and return the run summary (the job's last output line).
+    """Settle, prepare the data, train, and return the run summary (the job's last output line).
 
-    Everything that would fail later is refused here first, before anything is
-    reserved: the model, a run that does not fit the GPUs' memory, and a request the
-    cluster can never grant. With ``dry_run`` the summary is the memory plan instead.
+    Everything that would fail later is refused first (``settle``), before anything is
+    reserved. With ``dry_run`` the summary is the memory plan instead.
     """
-    if config.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("tensorboard_dir needs the tensorboard package: pip install 'dolly_ray[tensorboard]'")
-    model_config = generation.check_loadable_model(
-        config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, need_weights=not config.dry_run
-    )
-    if storage.missing_local(config.dataset):
-        raise ConfigError(f"dataset not found: {config.dataset}")
-    cluster.init_ray()
-    # Workers on other nodes, in other working directories, must write where the driver means.
-    config = dataclasses.replace(
-        config, storage_path=storage.absolute(config.storage_path), tensorboard_dir=config.tensorboard_dir and storage.absolute(config.tensorboard_dir)
-    )
-    settled, memory = settle(config, model_config)
-    if memory is not None:
-        logger.info("memory plan: %s", memory.summary())
+    settled, memory = settle.settle(config)
     if config.dry_run:
         return dry_run(settled, memory)
-    if memory is not None and not memory.fits:
-        fixed = {"micro_batch_fixed": config.micro_batch_size is not None, "checkpointing_fixed": config.gradient_checkpointing is not None}
-        raise ConfigError(f"the run does not fit: {memory.summary()}; {memory_plan.advice(memory, **fixed)}")
+    settle.refuse_unfit(config, settled, memory)
     config = settled
-    cluster.check_fits(worker_request(config))
     report, train_ds, eval_ds, answered = prepare_datasets(config)
     plan = plan_steps(config, train_ds.count(), eval_ds.count())
     logger.info("plan: %s optimizer steps, %s micro-batches per epoch per worker", plan.total_steps, plan.micro_batches_per_epoch)
@@ -97,64 +80,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
     with cluster.log_pending(f"training run {config.name!r}"):
         result = make_trainer(config, plan, train_ds, eval_ds, answered).fit()
     return run_summary(result, report, config)
-
-
-def settle(config: TrainConfig, model_config) -> tuple[TrainConfig, memory_plan.MemoryPlan | None]:
-    """Decide what the flags left open, once the cluster is known: the preset (auto), the
-    CPUs per worker, and the micro-batch and gradient checkpointing the memory plan fits.
-    A model the plan cannot build on the meta device gets no plan (and the old defaults)."""
-    preset, use_gpu = deepspeed_config.settle_on_driver(config.preset, config.use_gpu, config.accelerator_type, cluster.total("GPU"))
-    if preset in deepspeed_config.GPU_PRESETS and not use_gpu:
-        logger.warning("preset %s on CPUs: a rehearsal of the GPU preset (its precision, offload and loss scaling) by DeepSpeed's CPU accelerator", preset)
-    cpus = cluster.cpus_each(config.cpus_per_worker, config.num_workers, DEFAULT_CPUS_PER_WORKER)
-    gpu = config.accelerator_type or cluster.gpu_type()
-    gpu = gpu if gpu in memory_plan.GPUS and use_gpu else ""
-    planned_preset = preset
-    if preset == deepspeed_config.AUTO:  # each worker chooses from its GPU, as this does; unknown GPUs: a10's
-        planned_preset = memory_plan.preset_for_accelerator(gpu, config.gpu_memory_gib) if gpu else "a10"
-    lora_settings = config.lora_settings()
-    try:
-        shape = memory_plan.ModelShape.from_config(model_config, trust_remote_code=config.trust_remote_code, lora_settings=lora_settings)
-    except ConfigError:  # LoRA targets the model does not have
-        raise
-    except Exception as e:  # a model class that cannot be built without its weights
-        logger.warning("no memory plan for %s: %s: %s", config.model, type(e).__name__, e)
-        defaults = {"micro_batch_size": config.micro_batch_size or 8, "gradient_checkpointing": bool(config.gradient_checkpointing)}
-        return dataclasses.replace(config, preset=preset, use_gpu=use_gpu, cpus_per_worker=cpus, **defaults), None
-    memory = memory_plan.choose(
-        shape,
-        preset=planned_preset,
-        workers=config.num_workers,
-        micro_batch_size=config.micro_batch_size,
-        gradient_checkpointing=config.gradient_checkpointing,
-        max_length=config.max_length,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        gpu=gpu,
-        gpu_memory_gib=config.gpu_memory_gib,
-        gpus_per_node=int(cluster.largest_node("GPU")) or None,
-        on_cpu=not use_gpu,
-        node_memory_gib=cluster.node_memory_gib(),
-        overrides=config.deepspeed,
-    )
-    chosen = {"micro_batch_size": memory.micro_batch_size, "gradient_checkpointing": memory.gradient_checkpointing}
-    return dataclasses.replace(config, preset=preset, use_gpu=use_gpu, cpus_per_worker=cpus, **chosen), memory
-
-
-def worker_request(config: TrainConfig) -> cluster.Request:
-    each = {"CPU": config.cpus_per_worker, "GPU": 1.0 if config.use_gpu else 0.0}
-    if config.accelerator_type:
-        each[f"accelerator_type:{config.accelerator_type}"] = 0.001  # what ScalingConfig asks of each worker
-    return cluster.Request(
-        unit="worker",
-        count=config.num_workers,
-        count_flag="--num-workers",
-        each=each,
-        fixes={
-            "CPU": "pass --cpus-per-worker {fits} or fewer workers (--num-workers)",
-            "GPU": "pass --preset cpu to train on CPUs, or fewer workers (--num-workers)",
-            f"accelerator_type:{config.accelerator_type}": "pass the --accelerator-type of GPUs this cluster has, or none",
-        },
-    )
 
 
 def dry_run(config: TrainConfig, memory: memory_plan.MemoryPlan | None) -> dict[str, Any]:
@@ -466,7 +391,7 @@ def score_answers(engine, tokenizer, records: list[dict], max_new_tokens: int) -
     generate calls; transformers keeps ZeRO-3 ranks stepping together inside each call
     (``synced_gpus``) until the longest answer on any rank ends.
     """
-    from dolly_ray.generation import GenerationParams, InstructionGenerator
+    from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
 
     if not records:
         return {}
@@ -500,7 +425,7 @@ def samples(engine, tokenizer, sample_prompts: list[dict]) -> list[dict]:
     Every rank generates the same prompts greedily, so all take the same number of
     forward passes and the ZeRO-3 parameter gathers stay in step.
     """
-    from dolly_ray.generation import GenerationParams, InstructionGenerator
+    from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
 
     if not sample_prompts:
         return []

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dolly_ray import batching, data, deepspeed_config
 from dolly_ray.cli import ConfigError, check_at_least, option
+from dolly_ray.train import batching, data, deepspeed_config
 
 # Enough for DeepSpeed's CPU Adam on the offloaded optimizer state of one GPU's partition.
 DEFAULT_CPUS_PER_WORKER = 4.0

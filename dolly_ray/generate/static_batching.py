@@ -16,7 +16,7 @@ import dataclasses
 
 from ray import serve
 
-from dolly_ray.generation import GenerationParams, GenerationResult, InstructionGenerator, Request
+from dolly_ray.generate.generator import GenerationParams, GenerationResult, InstructionGenerator, Request
 
 # How long a request waits for others to share its batch: tuned for a lone request's latency.
 BATCH_WAIT_TIMEOUT_S = 0.02

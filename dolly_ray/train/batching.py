@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dolly_ray import labels
+from dolly_ray.train import labels
 
 STRATEGIES = ("pad", "group", "pack")
 # Micro-batches per length-sorted window in ``group``: large enough for similar lengths,

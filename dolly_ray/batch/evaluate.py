@@ -17,8 +17,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from dolly_ray import batch_generate, cluster, scoring, sources, storage
+from dolly_ray import cluster, storage
+from dolly_ray.batch import generation
+from dolly_ray.batch.config import RESULT_SCHEMA, BatchConfig
 from dolly_ray.cli import ConfigError, option
+from dolly_ray.generate import scoring
+from dolly_ray.records import sources
 
 
 @dataclass
@@ -40,11 +44,11 @@ class EvalConfig:
     trust_remote_code: bool = option(False, "run model code from the hub (only for models you trust)")
     allow_pickle: bool = option(False, "allow non-safetensors weights (loading a pickle can run code)")
 
-    def batch_config(self) -> batch_generate.BatchConfig:
+    def batch_config(self) -> BatchConfig:
         """The batch-generation job that answers every record greedily (and writes the
         answers only where ``--answers`` asks)."""
         columns = sources.parse_columns(self.columns)
-        return batch_generate.BatchConfig(
+        return BatchConfig(
             model=self.model,
             input=self.dataset,
             output=self.answers or "",
@@ -76,12 +80,12 @@ def run(config: EvalConfig) -> dict[str, Any]:
     reference = sources.parse_columns(config.columns).output
     start = time.perf_counter()
     batch_config = config.batch_config()
-    with batch_generate.answered(batch_config) as answers, cluster.log_pending("evaluation"):
+    with generation.answered(batch_config) as answers, cluster.log_pending("evaluation"):
         scored = answers.map_batches(_score_batch, fn_kwargs={"reference": reference, "task_column": config.task_column}, batch_format="pyarrow")
         if config.answers:
             scored = scored.materialize()  # written, then summed: one generation pass
-            results = pa.unify_schemas([batch_generate.RESULT_SCHEMA, SCORE_SCHEMA])
-            batch_generate.write(scored, config.answers, batch_generate.output_format(batch_config), results)
+            results = pa.unify_schemas([RESULT_SCHEMA, SCORE_SCHEMA])
+            generation.write(scored, config.answers, generation.output_format(batch_config), results)
         totals = Totals()
         columns = [*SCORE_SCHEMA.names, "num_generated_tokens"]
         for batch in sources.iterate(scored.select_columns(columns), batch_size=None, batch_format="pyarrow"):

@@ -15,7 +15,7 @@ from typing import Annotated, Any, AsyncIterator, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from dolly_ray import prompts
-from dolly_ray.generation import GenerationResult
+from dolly_ray.generate.generator import GenerationResult
 
 logger = logging.getLogger(__name__)
 

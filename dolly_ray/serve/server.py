@@ -24,48 +24,24 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ray import serve
 
-from dolly_ray import cluster, openai_api, vllm_engine
-from dolly_ray.cli import ConfigError, check_at_least, option
-from dolly_ray.generation import GenerationParams, GenerationResult, Request, check_loadable_model
-from dolly_ray.openai_api import ChatRequest, CompletionRequest, GenerateRequest
+from dolly_ray import cluster
+from dolly_ray.cli import ConfigError, check_at_least
+from dolly_ray.generate import vllm_engine
+from dolly_ray.generate.generator import GenerationParams, GenerationResult, Request
+from dolly_ray.models import check_loadable_model
+from dolly_ray.serve import openai_api, vllm_app
+from dolly_ray.serve.config import API_KEY_ENV, ServeConfig
+from dolly_ray.serve.openai_api import ChatRequest, CompletionRequest, GenerateRequest
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "DOLLY_RAY_API_KEY"
 APP_NAME = "dolly_ray"
 
 
-@dataclass
-class ServeConfig:
-    """One served model; jobs/serve.py flags and a Serve config file's ``args`` fill it."""
-
-    model: str = option("", "the checkpoint's Hugging Face model directory (<checkpoint>/hf) or a hub id")
-    model_name: str = option("", "name clients send as `model` and /v1/models lists; empty: the directory's name")
-    engine: str = option("auto", "hf (transformers with continuous batching), vllm (vLLM through ray.serve.llm) or auto: vllm where vLLM is installed and replicas get GPUs")
-    num_replicas: int = option(1, "replicas, each holding one copy of the model")
-    autoscaling: dict = option({}, "Ray Serve autoscaling_config, e.g. {\"min_replicas\": 1, \"max_replicas\": 4}; replaces num_replicas")
-    num_cpus_per_replica: float = option(1.0, "CPUs reserved per replica (fractions allowed)")
-    num_gpus_per_replica: float = option(None, "GPUs per replica; null: 1 when the cluster has GPUs, else 0")
-    max_batch_size: int = option(16, "most requests decoded together in the running batch; later ones wait for a place")
-    kv_cache_gib: float | None = option(None, "KV-cache memory per replica; null: most of the free GPU memory, or 1 GiB on CPU")
-    max_ongoing_requests: int = option(None, "requests a replica holds at once, queued or running; null: 2 x max batch size")
-    max_new_tokens: int = option(256, "response length when a request does not say")
-    max_new_tokens_limit: int = option(1024, "the most new tokens a request may ask for")
-    max_request_bytes: int = option(1 << 20, "largest request body; larger ones get 413")
-    api_key: str = option("", f"require `Authorization: Bearer KEY`; empty: ${API_KEY_ENV}, and no key when that is unset too")
-    trust_remote_code: bool = option(False, "run model code from the model repository (only for models you trust)")
-    allow_pickle: bool = option(False, "allow non-safetensors weights (pickle can run code)")
-
-    @property
-    def served_name(self) -> str:
-        """The name clients send as ``model``."""
-        return self.model_name or default_model_name(self.model)
 
 
 # --- the deployment -----------------------------------------------------------------
@@ -78,7 +54,7 @@ class InstructionServer:
 
     def __init__(self, config: ServeConfig, api_key: str):
         """``api_key`` comes resolved from the driver, whose environment holds it."""
-        from dolly_ray.generation import InstructionGenerator
+        from dolly_ray.generate.generator import InstructionGenerator
 
         self.config, self.model_name, self.api_key = config, config.served_name, api_key
         generator = InstructionGenerator.from_pretrained(config.model, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
@@ -90,8 +66,8 @@ class InstructionServer:
         """What answers requests: continuous batching, or static batching for a model that
         cannot run in it. Anything with ``ContinuousBatcher``'s methods will do (a benchmark
         swaps in another)."""
-        from dolly_ray import continuous_batching
-        from dolly_ray.static_batching import StaticBatcher
+        from dolly_ray.generate import continuous_batching
+        from dolly_ray.generate.static_batching import StaticBatcher
 
         try:
             return continuous_batching.ContinuousBatcher(generator, max_requests_per_batch=self.config.max_batch_size, kv_cache_gib=self.config.kv_cache_gib)
@@ -238,10 +214,6 @@ class InstructionServer:
 # --- building and running -----------------------------------------------------------
 
 
-def default_model_name(model: str) -> str:
-    """The directory's name; for a training checkpoint's ``hf/`` folder, the checkpoint's."""
-    path = Path(model.rstrip("/"))
-    return path.parent.name if path.name == "hf" and path.parent.name else path.name
 
 
 def check(config: ServeConfig) -> None:
@@ -300,7 +272,7 @@ def _application(config: ServeConfig):
     api_key = config.api_key or os.environ.get(API_KEY_ENV, "")
     if vllm_engine.choose(config.engine, num_gpus) == "vllm":
         vllm_engine.check_model(config.model)
-        return vllm_engine.serve_app(config, api_key, num_gpus)
+        return vllm_app.serve_app(config, api_key, num_gpus)
     return InstructionServer.options(**options).bind(config, api_key)
 
 
