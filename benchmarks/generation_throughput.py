@@ -4,7 +4,7 @@ Same model, same prompts, greedy decoding. (a) is Dolly's README ``generate_resp
 tokenize one prompt, ``model.generate``, decode. (b) is ``InstructionGenerator.generate``
 over all prompts at once (left padding, length-sorted micro-batches). (d) is Serve's
 engine, ``ContinuousBatcher``, with every prompt submitted at once. (c) is
-``dolly_ray.batch_generate.run`` with two actors, timed from the first block to the last row
+``dolly_ray.batch.generation.run`` with two actors, timed from the first block to the last row
 written, so it includes starting the actors and loading the model in each. (e), where
 vLLM is installed (run it with ``.venv-vllm/bin/python``), is the same job with the vllm
 engine (vLLM's CPU build through ``ray.data.llm``, one engine), engine start included.

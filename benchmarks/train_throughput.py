@@ -1,7 +1,7 @@
 """Training throughput of the three batching strategies: pad (Dolly's), group and pack.
 
 The records of ``--data`` (Alpaca-style JSON) go through the training code paths
-(``dolly_ray.data`` validation and Dolly-prompt tokenization, ``dolly_ray.batching``
+(``dolly_ray.train.data`` validation and Dolly-prompt tokenization, ``dolly_ray.train.batching``
 collators and packing) and become one epoch of micro-batches per strategy. Each
 strategy then trains on the same number of useful (non-padding) tokens, one
 optimizer step per micro-batch, and reports:
@@ -15,7 +15,7 @@ optimizer step per micro-batch, and reports:
 
 Engines: ``torch`` (the default on CPU) is a plain fp32 AdamW step of the same model;
 ``deepspeed`` (the default on a GPU) is the training run's engine, a ZeRO-3 DeepSpeed
-engine from ``dolly_ray.deepspeed_config`` (preset a100, bf16, on one GPU; preset cpu
+engine from ``dolly_ray.train.deepspeed_config`` (preset a100, bf16, on one GPU; preset cpu
 on a CPU). ``--gptj-6b`` uses GPT-J-6B's shape (``GPTJConfig()`` defaults), randomly
 initialised on the device: nothing is downloaded.
 
@@ -125,7 +125,7 @@ class TorchStep:
 
 
 class DeepSpeedStep:
-    """The training run's engine (``dolly_ray.engine.build_engine``): DeepSpeed ZeRO-3 from a project
+    """The training run's engine (``dolly_ray.train.engine.build_engine``): DeepSpeed ZeRO-3 from a project
     preset (a100 on a GPU, cpu on a CPU), world size 1, randomly initialised."""
 
     def __init__(self, config, device, gradient_checkpointing: bool, micro_batch_size: int, tokenizer_dir: str):

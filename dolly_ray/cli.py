@@ -9,13 +9,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
 import sys
+import warnings
 from typing import Any, Callable, Sequence
 
 _SCALAR_TYPES = {"int": int, "float": float, "str": str}
+# Lines that dependencies print on every run and that say nothing about it, by the logger
+# that prints them: hidden unless --verbose.
+KNOWN_NOISE = {
+    # DeepSpeed on a machine without GPUs (the cpu preset), and its scheduler read before the first step.
+    "DeepSpeed": ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started"),
+    # A greedy call on a checkpoint whose generation config samples (Dolly's defaults).
+    "transformers.generation.configuration_utils": ("The following generation flags are not valid",),
+    # Off a terminal the bars are off on purpose (cluster.init_ray).
+    "ray.data._internal.progress": ("Progress bars disabled",),
+}
+# torch's deprecation of the collectives DeepSpeed calls, once per call site and worker.
+KNOWN_WARNINGS = ((FutureWarning, r"`torch\.distributed\.\w+` is deprecated"),)
+# Loggers that narrate each step of a library's work at INFO (Ray Data: every execution, twice).
+CHATTY_LOGGERS = ("ray.data",)
 
 
 class ConfigError(ValueError):
@@ -135,6 +151,21 @@ def finish(summary: dict, summary_file: str | None = None, lines: Sequence[str] 
             raise ConfigError(f"cannot write --summary-file {summary_file}: {e}") from None
 
 
+@functools.cache
+def quiet_known_noise(verbose: bool = False) -> None:
+    """Keep a run's console for people: the known, harmless lines of dependencies are
+    dropped where they are logged, and chatty INFO loggers speak from WARNING on (Ray's
+    log files keep what Ray logs). Each process calls it: the driver, and each worker."""
+    if verbose:
+        return
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name, starts in KNOWN_NOISE.items():
+        logging.getLogger(name).addFilter(lambda record, starts=starts: not record.getMessage().startswith(starts))
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """Run an entry point: user errors become one line on stderr and exit status 2.
 
@@ -144,6 +175,7 @@ def run_main(main: Callable[[], Any]) -> None:
     from ray.train import TrainingFailedError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_known_noise(verbose="--verbose" in sys.argv[1:])
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the hub's, transformers' and datasets' bars
         from transformers.utils import logging as transformers_logging

@@ -50,6 +50,7 @@ class DemoConfig:
     lora_records: int = field(default=24000, metadata={"help": "with --lora-r: training records of the LoRA run (instead of --num-train)"})
     num_workers: int = field(default=2, metadata={"help": "Ray Train workers (CPU)"})
     seed: int = field(default=0, metadata={"help": "seed for the model, the tasks and training"})
+    verbose: bool = field(default=False, metadata={"help": "show Ray's and the libraries' own INFO lines and known warnings on the console"})
 
 
 def run(config: DemoConfig) -> dict:
@@ -105,6 +106,7 @@ def _train_config(config: DemoConfig, model, dataset: Path, name: str, heldout: 
         name=name,
         seed=config.seed,
         sample_prompts=[{"instruction": r["instruction"], "input": r["input"]} for r in heldout[:4]],
+        verbose=config.verbose,
         **settings,
     )
 

@@ -99,8 +99,7 @@ def build_model(
 
     path = Path(path)
     tokenizer = build_tokenizer(path, vocab_size=tokenizer_vocab_size, corpus=tokenizer_corpus)
-    config = model_config(family, len(tokenizer), n_layer=n_layer, n_embd=n_embd, head_dim=head_dim, n_positions=n_positions, vocab_size=vocab_size)
-    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    config = model_config(family, len(tokenizer), n_layer=n_layer, n_embd=n_embd, head_dim=head_dim, n_positions=n_positions, vocab_size=vocab_size, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     if head_bias_std:
@@ -110,18 +109,20 @@ def build_model(
     return path
 
 
-def model_config(family: str, tokenizer_size: int, *, n_layer: int, n_embd: int, head_dim: int, n_positions: int, vocab_size: int):
-    """The transformers config of a tiny ``family`` model (see ``FAMILIES``)."""
+def model_config(family: str, tokenizer_size: int, *, n_layer: int, n_embd: int, head_dim: int, n_positions: int, vocab_size: int, eos_token_id: int | None = None):
+    """The transformers config of a tiny ``family`` model (see ``FAMILIES``), beginning and
+    ending sequences with the tokenizer's ``eos_token_id``."""
+    ids = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
     from transformers import GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     heads = n_embd // head_dim
     spare_rows = max(vocab_size, tokenizer_size + len(prompts.SPECIAL_TOKENS))
     if family == "gptj":
-        return GPTJConfig(vocab_size=spare_rows, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=heads, rotary_dim=min(16, head_dim))
+        return GPTJConfig(vocab_size=spare_rows, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=heads, rotary_dim=min(16, head_dim), **ids)
     if family == "gpt_neox":
         return GPTNeoXConfig(
             vocab_size=spare_rows, max_position_embeddings=n_positions, hidden_size=n_embd, num_hidden_layers=n_layer,
-            num_attention_heads=heads, intermediate_size=4 * n_embd, rotary_pct=0.25, tie_word_embeddings=False,
+            num_attention_heads=heads, intermediate_size=4 * n_embd, rotary_pct=0.25, tie_word_embeddings=False, **ids,
         )
     llama_style = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
     if family not in llama_style:
@@ -129,7 +130,7 @@ def model_config(family: str, tokenizer_size: int, *, n_layer: int, n_embd: int,
     config = llama_style[family](
         vocab_size=tokenizer_size, max_position_embeddings=n_positions, hidden_size=n_embd, num_hidden_layers=n_layer,
         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=head_dim, intermediate_size=3 * n_embd,
-        tie_word_embeddings=family == "qwen2",
+        tie_word_embeddings=family == "qwen2", **ids,
     )
     if family == "mistral":
         config.sliding_window = MISTRAL_SLIDING_WINDOW

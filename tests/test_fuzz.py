@@ -1,4 +1,4 @@
-"""Hostile datasets (dolly_ray.fuzz) through the data pipeline, training and the batch job."""
+"""Hostile datasets (dolly_ray.records.fuzz) through the data pipeline, training and the batch job."""
 
 import collections
 import json

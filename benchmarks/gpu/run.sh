@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared check for a lent single-GPU machine: GPT-J 6B's shape (random weights),
 # bf16, DeepSpeed ZeRO-3 on one GPU (preset a100) with gradient checkpointing, as the
-# training run builds it (dolly_ray.engine.build_engine). Prints pad vs pack useful tokens/s
+# training run builds it (dolly_ray.train.engine.build_engine). Prints pad vs pack useful tokens/s
 # and MFU, and each strategy's peak GPU memory beside the memory plan's prediction; the
 # last line is JSON. About 5 minutes; prepare with benchmarks/gpu/prepare.sh, then run from
 # the repository root with .whl and .gpu_data carried.

@@ -26,8 +26,10 @@ class Scored:
 
 @functools.cache
 def _rouge():
+    from absl import logging as absl_logging
     from rouge_score import rouge_scorer
 
+    absl_logging.set_verbosity(absl_logging.WARNING)  # rouge_score's "Using default tokenizer." on every scorer
     return rouge_scorer.RougeScorer(["rougeL"])
 
 

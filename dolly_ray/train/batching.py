@@ -134,8 +134,8 @@ def _right_padded(batch: dict[str, np.ndarray], pad_token_id: int) -> tuple[torc
     input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
     label_ids = labels.padding_labels(len(rows), longest)
     for i, (ids, row_labels) in enumerate(zip(rows, batch["labels"])):
-        input_ids[i, : len(ids)] = torch.as_tensor(ids)
-        label_ids[i, : len(ids)] = torch.as_tensor(row_labels)
+        input_ids[i, : len(ids)] = torch.from_numpy(np.array(ids))  # a copy: Ray hands read-only arrays
+        label_ids[i, : len(ids)] = torch.from_numpy(np.array(row_labels))
     return input_ids, label_ids, longest
 
 

@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = option(42, "seed for initialisation, shuffling and the eval split")
     # How often.
     log_every: int = option(10, "report metrics every N optimizer steps")
+    verbose: bool = option(False, "show Ray's and the libraries' own INFO lines and known warnings on the console (Ray's log files keep them anyway)")
     eval_every: int = option(100, "eval loss every N steps (0: only at the end)")
     eval_generate: int = option(0, "at each eval, also answer this many held-out records greedily (the same ones every time) and report exact match, ROUGE-L and the share stopped at ### End (0: off)")
     eval_generate_max_new_tokens: int = option(128, "longest answer --eval-generate lets the model write, in tokens")

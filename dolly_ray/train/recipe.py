@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
-from dolly_ray import cluster, prompts, storage
+from dolly_ray import cli, cluster, prompts, storage
 from dolly_ray.cli import ConfigError
 from dolly_ray.generate import scoring
 from dolly_ray.train import batching, data, labels, memory_plan, settle
@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 ANSWER_BATCH_SIZE = 8
 # Seeds of successive steps lie this far apart, so no two (step, rank) pairs share one.
 STEP_SEED_STRIDE = 100_003
+# Least seconds between two progress lines on the console (every report is in the history).
+PROGRESS_INTERVAL_S = 30.0
 
 
 class DeterministicSplit(ray.train.DataConfig):
@@ -130,6 +132,8 @@ def make_trainer(config: TrainConfig, plan: StepPlan, train_ds, eval_ds, answere
             storage_path=config.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            # Ray Train's own INFO lines (each report, twice) stay in its log files.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if config.verbose else "WARNING"),
         ),
         datasets={"train": train_ds, "eval": eval_ds},
         dataset_config=DeterministicSplit(),
@@ -175,13 +179,15 @@ def run_summary(result: ray.train.Result, report: data.DataReport, config: Train
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point on every worker: build, restore, then train to the stop step,
     reporting on the log, eval and checkpoint cadences."""
-    _log_to_job()
     config, plan, answered = TrainConfig(**loop_config["config"]), StepPlan(**loop_config["plan"]), loop_config["answered"]
+    _log_to_job(config.verbose)
     context = ray.train.get_context()
     engine, tokenizer, preset = build_engine(config, plan, context.get_world_size())
     progress = restore(engine)
-    tensorboard = TensorBoard(storage.join(config.tensorboard_dir, config.name)) if config.tensorboard_dir and context.get_world_rank() == 0 else None
+    rank_0 = context.get_world_rank() == 0
+    tensorboard = TensorBoard(storage.join(config.tensorboard_dir, config.name)) if config.tensorboard_dir and rank_0 else None
     stop = stop_step(config, plan)
+    console = ProgressLine(engine.global_steps, stop) if rank_0 else None
     window = Window()
     while engine.global_steps < stop:
         epoch, done_in_epoch = divmod(progress.micro_batches_done, plan.micro_batches_per_epoch)
@@ -208,6 +214,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 report_metrics(metrics)
             if tensorboard:
                 tensorboard.add(metrics, upload=saving)
+            if console:
+                console.show(metrics, final=final)
             window = Window()
             if final:
                 break
@@ -219,10 +227,47 @@ def _every(interval: int, step: int) -> bool:
     return bool(interval) and step % interval == 0
 
 
-def _log_to_job() -> None:
-    """Worker processes start with logging unconfigured: let this package's INFO lines reach the job log."""
+def _log_to_job(verbose: bool) -> None:
+    """Worker processes start with logging unconfigured: let this package's INFO lines reach
+    the job log, and its dependencies' known noise not."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("dolly_ray").setLevel(logging.INFO)
+    cli.quiet_known_noise(verbose)
+    if not verbose:
+        # Ray Train echoes each report from every rank through a logger named by its file,
+        # which RunConfig's LoggingConfig level does not reach.
+        from ray.train.v2._internal.execution import context as ray_train_context
+
+        logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+
+
+@dataclass
+class ProgressLine:
+    """Rank 0's progress on the job's console: step of total, loss, learning rate,
+    tokens/s, elapsed and ETA, at most one line per ``PROGRESS_INTERVAL_S`` and the last
+    step's. (Ray relays worker lines, so a redrawn bar cannot work here.)"""
+
+    first_step: int  # where this attempt started (a resumed run starts past 0)
+    stop_step: int
+    start: float = field(default_factory=time.perf_counter)
+    shown: float = float("-inf")
+
+    def show(self, metrics: dict, *, final: bool) -> None:
+        now = time.perf_counter()
+        if not final and now - self.shown < PROGRESS_INTERVAL_S:
+            return
+        self.shown, elapsed, step = now, now - self.start, metrics["step"]
+        eta = elapsed / max(step - self.first_step, 1) * (self.stop_step - step)
+        logger.info(
+            "step %d/%d (%d%%) loss %.4f lr %.2e %s tokens/s elapsed %s eta %s",
+            step, self.stop_step, 100 * step // max(self.stop_step, 1), metrics["train_loss"], metrics["learning_rate"],
+            f"{metrics['tokens_per_s']:,.0f}", _clock(elapsed), _clock(eta),
+        )
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
 @dataclass
@@ -493,7 +538,8 @@ def _timed_upload(reported: dict, upload_seconds: queue.SimpleQueue):
         persisted = storage_context.persist_current_checkpoint(checkpoint, name)
         reported["checkpoint_upload_s"] = seconds = round(time.perf_counter() - start, 3)
         upload_seconds.put((reported["step"], seconds))
-        logger.info("step %d checkpoint: saved in %.1f s, uploaded in %.1f s", reported["step"], reported["checkpoint_save_s"], seconds)
+        if ray.train.get_context().get_world_rank() == 0:
+            logger.info("step %d checkpoint: saved in %.1f s, uploaded in %.1f s", reported["step"], reported["checkpoint_save_s"], seconds)
         return persisted
 
     return upload
