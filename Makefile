@@ -1,6 +1,6 @@
 # One command each: `make demo` (set up, then run the local end-to-end demo),
 # `make test` (set up, then run the whole test suite and the vLLM lane, as CI does) and
-# `make test-fast` (the unit tests: no end-to-end training, Serve or cluster runs).
+# `make test-fast` (the unit tests and one tiny whole path: the demo at a small size; no Serve or cluster runs).
 # .venv holds the versions pinned in requirements.lock; the vLLM lane's .venv-vllm holds
 # vLLM's CPU build (which pins its own transformers) from requirements-vllm.lock.
 PYTHON ?= python3

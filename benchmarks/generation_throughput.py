@@ -117,7 +117,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs of (a) and (b); the fastest counts")
     p.add_argument("--threads", type=int, default=0, help="torch threads for (a) and (b); 0: torch's default")
     p.add_argument("--skip-ray", action="store_true", help="leave out (c) and (e)")
+    p.add_argument("--smoke", action="store_true", help="the smallest sizes, so CI checks the script still runs (its figures mean nothing)")
     args = p.parse_args()
+    if args.smoke:
+        vars(args).update(num_prompts=8, max_new_tokens=4, batch_size=4, max_batch_tokens=0, repeats=1, vocab_size=600)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -48,7 +48,11 @@ def parse_args() -> argparse.Namespace:
                    help="continuous-no-http: the replica's ContinuousBatcher driven in this process, without Serve, HTTP or the client")
     p.add_argument("--num-cpus-per-replica", type=float, default=1.0)
     p.add_argument("--num-gpus-per-replica", type=float, default=0.0)
-    return p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="the smallest sizes, so CI checks the script still runs (its figures mean nothing)")
+    args = p.parse_args()
+    if args.smoke:
+        vars(args).update(concurrency=[1, 2], requests_per_client=1, max_new_tokens=4, max_batch_size=4)
+    return args
 
 
 @serve.deployment

@@ -181,7 +181,10 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU in TFLOP/s (default: 989 on CUDA, bf16 H100/H200; on CPU a measured fp32 matmul)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="the smallest sizes, so CI checks the script still runs (its figures mean nothing)")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(tokens=1024, warmup_steps=1, n_layer=1, n_embd=64, max_length=128, vocab_size=600, micro_batch_size=2)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

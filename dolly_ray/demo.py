@@ -50,6 +50,7 @@ class DemoConfig:
     lora_records: int = field(default=24000, metadata={"help": "with --lora-r: training records of the LoRA run (instead of --num-train)"})
     num_workers: int = field(default=2, metadata={"help": "Ray Train workers (CPU)"})
     seed: int = field(default=0, metadata={"help": "seed for the model, the tasks and training"})
+    restart: bool = field(default=False, metadata={"help": "train the demo's runs afresh, deleting earlier ones of the same seed and kind in --output-dir"})
     verbose: bool = field(default=False, metadata={"help": "show Ray's and the libraries' own INFO lines and known warnings on the console"})
 
 
@@ -64,13 +65,14 @@ def run(config: DemoConfig) -> dict:
     if config.lora_r:
         base_records = tasks.generate(config.base_records, seed=config.seed + 1, tasks=BASE_TASKS)
         base_dataset = tasks.write_jsonl(base_records, out / "data" / "base.jsonl")
-        model = recipe.run(_train_config(config, model, base_dataset, "base", heldout, learning_rate=config.learning_rate))["hf_model"]
+        model = recipe.run(_train_config(config, model, base_dataset, f"base-seed{config.seed}", heldout, learning_rate=config.learning_rate))["hf_model"]
         base_answers = _answer(model, heldout)
         before_lora = {"base_model": model, "base_exact_match": scoring.exact_match([a.response for a in base_answers], [r["output"] for r in heldout])}
         settings = dict(lora_r=config.lora_r, lora_alpha=config.lora_alpha, learning_rate=config.lora_learning_rate)
     else:
         before_lora, settings = {}, dict(learning_rate=config.learning_rate)
-    summary = recipe.run(_train_config(config, model, dataset, "demo", heldout, **settings))
+    name = f"demo-lora{config.lora_r}-seed{config.seed}" if config.lora_r else f"demo-seed{config.seed}"  # a run of its own for each
+    summary = recipe.run(_train_config(config, model, dataset, name, heldout, **settings))
     summary.update(before_lora, dataset=str(dataset))
     results = _answer(summary["hf_model"], heldout)
     summary["exact_match"] = scoring.exact_match([r.response for r in results], [r["output"] for r in heldout])
@@ -107,6 +109,7 @@ def _train_config(config: DemoConfig, model, dataset: Path, name: str, heldout: 
         seed=config.seed,
         sample_prompts=[{"instruction": r["instruction"], "input": r["input"]} for r in heldout[:4]],
         verbose=config.verbose,
+        restart=config.restart,
         **settings,
     )
 

@@ -5,9 +5,12 @@ generation share. No Ray import."""
 from __future__ import annotations
 
 import glob
+import logging
 import os
 
 from dolly_ray import prompts, storage
+
+logger = logging.getLogger(__name__)
 
 
 def check_weights(name_or_path: str, *, allow_pickle: bool = False, need_weights: bool = True) -> None:
@@ -60,8 +63,11 @@ def check_loadable_model(
     there or will not load, custom code without ``trust_remote_code``, pickle-only weights
     without ``allow_pickle``, a tokenizer that cannot hold the prompt keys, or no room for
     a prompt beside ``max_new_tokens``. Raises ValueError naming the problem; returns the
-    model's config (read without its weights)."""
-    from transformers import AutoConfig
+    model's config (read without its weights).
+
+    ``max_new_tokens`` marks a job that generates (Serve, batch generation, evaluation):
+    its model must also have embedding rows for the prompt keys, which training adds."""
+    from transformers import AutoConfig, AutoTokenizer
 
     if storage.is_local_path(name_or_path) and not os.path.isdir(name_or_path):
         raise ValueError(f"model directory not found: {name_or_path}")
@@ -69,7 +75,9 @@ def check_loadable_model(
     try:
         local = storage.local_model_dir(name_or_path, weights=False)
         model_config = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
-        prompts.load_tokenizer(local, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
+        trained_keys = prompts.END_KEY in tokenizer.get_vocab()
+        ids = prompts.add_special_tokens(tokenizer)  # as prompts.load_tokenizer adds them
     except prompts.SpecialTokenError:
         raise
     except Exception as e:  # not found, offline, no config.json, remote code refused
@@ -77,4 +85,20 @@ def check_loadable_model(
         raise ValueError(f"cannot load model {name_or_path!r}: {type(e).__name__}: {str(e).splitlines()[0]}{hint}") from None
     if max_new_tokens is not None:
         prompt_budget(context_positions(model_config), max_new_tokens)
+        _check_prompt_key_rows(name_or_path, ids, trained_keys, model_config)
     return model_config
+
+
+def _check_prompt_key_rows(name_or_path: str, ids: prompts.PromptTokenIds, trained_keys: bool, model_config) -> None:
+    """A model that never met Dolly's prompt keys: refused when their ids lie beyond its
+    embedding rows (it cannot run), warned about when they fit its spare rows (it runs,
+    but its answers will not stop at ``### End``)."""
+    rows = model_config.get_text_config().vocab_size
+    largest = max(ids.instruction, ids.response, ids.end, ids.pad)
+    if largest >= rows:
+        raise ValueError(
+            f"model {name_or_path!r} has {rows} embedding rows but needs row {largest} for Dolly's prompt keys: it was not "
+            "trained by dolly_ray; pass a training run's hf/ folder, or train this model first (jobs/train.py)"
+        )
+    if not trained_keys:
+        logger.warning("model %s was not trained with Dolly's prompt keys: its answers will not stop at %s", name_or_path, prompts.END_KEY)

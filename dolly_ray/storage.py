@@ -136,3 +136,52 @@ def local_model_dir(name_or_path: str, *, weights: bool = True) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def fingerprint(location: str) -> str:
+    """What identifies the data at ``location`` (a file or a directory): for local files
+    their names, sizes and a hash of their bytes; in object storage their names, sizes
+    and modification times, as its listing gives them; a hub id stands for itself (its
+    revision cannot be asked for offline)."""
+    if is_hub_id(location):
+        return f"hub:{location}"
+    from pyarrow import fs
+
+    filesystem, root = fs.FileSystem.from_uri(absolute(location))
+    info = filesystem.get_file_info(root)
+    files = [info] if info.type == fs.FileType.File else filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+    digest = hashlib.sha256()
+    for file in sorted((f for f in files if f.type == fs.FileType.File), key=lambda f: f.path):
+        digest.update(f"{os.path.relpath(file.path, root)}\0{file.size}\0".encode())
+        if is_uri(location):
+            digest.update(str(file.mtime_ns).encode())
+            continue
+        with filesystem.open_input_stream(file.path) as stream:
+            while chunk := stream.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def is_file(location: str) -> bool:
+    from pyarrow import fs
+
+    filesystem, where = fs.FileSystem.from_uri(absolute(location))
+    return filesystem.get_file_info(where).type == fs.FileType.File
+
+
+def subdirs(location: str) -> list[str]:
+    """Names of the directories directly in ``location`` (none when it is not there)."""
+    from pyarrow import fs
+
+    filesystem, where = fs.FileSystem.from_uri(absolute(location))
+    listing = filesystem.get_file_info(fs.FileSelector(where, allow_not_found=True))
+    return sorted(PurePosixPath(info.path).name for info in listing if info.type == fs.FileType.Directory)
+
+
+def delete_dir(location: str) -> None:
+    """Remove a directory and everything in it, local or in object storage (nothing when it is not there)."""
+    from pyarrow import fs
+
+    filesystem, where = fs.FileSystem.from_uri(absolute(location))
+    if filesystem.get_file_info(where).type == fs.FileType.Directory:
+        filesystem.delete_dir(where)

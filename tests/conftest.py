@@ -126,5 +126,7 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 def shared_records_path():
     """Real instruction records kept beside the checkout (never copied into it)."""
     if not os.path.exists(SHARED_DATA):
+        if os.environ.get("CI"):  # CI lays shared/ beside the checkout: a missing file is a broken setup
+            pytest.fail(f"shared data not found at {SHARED_DATA}")
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return os.path.abspath(SHARED_DATA)

@@ -31,7 +31,7 @@ def test_concurrent_requests_share_the_batch_and_get_their_own_answers(engine, g
         return await asyncio.gather(*(_collect(engine, r, GREEDY, stream=i % 2 == 0) for i, r in enumerate(REQUESTS)))
 
     replies = asyncio.run(all_at_once())
-    for i, (items, result) in enumerate(zip(replies, expected)):
+    for i, (items, result) in enumerate(zip(replies, expected, strict=True)):
         *pieces, final = items
         assert final == result
         if i % 2 == 0:  # streamed: text pieces that join to the answer
@@ -72,6 +72,9 @@ def test_seeded_sampling_is_reproducible_and_matches_the_generator(engine, gener
     [expected] = generator.generate(["Name a fruit."], params)
     for _ in range(2):
         assert asyncio.run(engine.answer("Name a fruit.", params)) == expected
+    [other] = generator.generate(["Name a fruit."], GenerationParams(temperature=0.9, top_p=0.95, max_new_tokens=12, seed=12))
+    assert asyncio.run(engine.answer("Name a fruit.", GenerationParams(temperature=0.9, top_p=0.95, max_new_tokens=12, seed=12))) == other
+    assert other.response != expected.response
 
 
 def test_sampling_without_a_seed_varies_and_respects_the_limit(engine):

@@ -35,7 +35,7 @@ def test_labels_cover_only_response_and_end_key(ray_local, tiny_model_dir, tmp_p
     rows = sorted(_prepare(path, tiny_model_dir, eval_fraction=0.0).train.take_all(), key=lambda r: r["num_tokens"])
     tokenizer = prompts.load_tokenizer(tiny_model_dir)
     ids = prompts.add_special_tokens(tokenizer)
-    for row, record in zip(sorted(rows, key=lambda r: -r["num_tokens"]), records):
+    for row, record in zip(sorted(rows, key=lambda r: -r["num_tokens"]), records, strict=True):
         input_ids, labels = list(row["input_ids"]), list(row["labels"])
         expected = tokenizer(prompts.format_training_text(record["instruction"], record["output"], record["input"]))["input_ids"]
         assert input_ids == expected and row["num_tokens"] == len(expected)

@@ -42,7 +42,7 @@ def test_scores_equal_a_direct_computation():
     scored = [scoring.score(response, reference, reason) for reference, response, reason in pairs]
     assert [s.exact_match for s in scored] == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert [s.stopped_at_end for s in scored] == [1.0, 0.0, 1.0, 0.0, 1.0]
-    for s, (reference, response, _) in zip(scored, pairs):
+    for s, (reference, response, _) in zip(scored, pairs, strict=True):
         assert s.rouge_l == pytest.approx(_rouge_l(reference, response))
     assert scoring.means(scored) == pytest.approx({"exact_match": 0.4, "rouge_l": sum(s.rouge_l for s in scored) / 5, "stopped_at_end": 0.6})
     assert scoring.exact_match(["a", " b\n", "c"], ["a", "b", "d"]) == pytest.approx(2 / 3)
@@ -55,7 +55,7 @@ def _records_with_known_answers(generator, count=12):
     that answer with words added, or unrelated text: exact matches, partial overlaps and misses."""
     records = tasks.generate(count, seed=4, tasks=["reverse_word", "sort_numbers", "first_letter"])
     answers = generator.generate([(r["instruction"], r["input"]) for r in records], GREEDY)
-    for i, (record, answer) in enumerate(zip(records, answers)):
+    for i, (record, answer) in enumerate(zip(records, answers, strict=True)):
         record["output"] = [answer.response, f"{answer.response} and more words", "nothing alike"][i % 3]
     return records, answers
 
@@ -72,9 +72,9 @@ def test_evaluation_scores_every_task_and_counts_what_it_cannot_score(ray_local,
             model=tiny_model_dir, dataset=str(dataset), answers=str(answers_file), max_new_tokens=GREEDY.max_new_tokens, batch_size=4, num_actors=1, num_cpus_per_actor=1
         )
     )
-    scored = [scoring.score(a.response, r["output"], a.finish_reason) for r, a in zip(records, answers)]
+    scored = [scoring.score(a.response, r["output"], a.finish_reason) for r, a in zip(records, answers, strict=True)]
     by_task: dict[str, list] = {}
-    for record, s in zip(records, scored):
+    for record, s in zip(records, scored, strict=True):
         by_task.setdefault(record["task"], []).append(s)
     assert summary["records"] == 15 and summary["scored"] == 12
     assert summary["skipped"] == {"missing_instruction": 1, "missing_reference": 1, "non_string_reference": 1}
@@ -107,7 +107,7 @@ def test_the_job_prints_figures_per_task_and_the_summary_last(tiny_model_dir, ge
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
-    scored = [scoring.score(a.response, r["output"], a.finish_reason) for r, a in zip(records, answers)]
+    scored = [scoring.score(a.response, r["output"], a.finish_reason) for r, a in zip(records, answers, strict=True)]
     assert summary["scored"] == 6 and {k: summary[k] for k in scoring.FIGURES} == pytest.approx(scoring.means(scored), abs=1e-4)
     assert sorted(summary["per_task"]) == sorted({r["task"] for r in records})
     assert any(line.startswith("overall") for line in lines) and any(line.startswith("reverse_word") for line in lines)

@@ -93,13 +93,13 @@ def test_batch_job_answers_or_flags_every_hostile_row(ray_local, tiny_model_dir,
         rows = [json.loads(line) for line in f]
     assert summary["rows"] == len(rows) == len(lines)
     assert summary["errors"] == sum(case.batch_error is not None for case in lines)
-    for row, case in zip(rows, lines):
+    for row, case in zip(rows, lines, strict=True):
         if case.batch_error is None:
             assert row["error"] is None and isinstance(row["response"], str), (case.kind, row)
         else:
             assert row["error"].startswith(case.batch_error + ":"), (case.kind, row["error"])
             assert row["response"] is None
-    by_kind = {case.kind: row for row, case in zip(rows, lines)}
+    by_kind = {case.kind: row for row, case in zip(rows, lines, strict=True)}
     assert by_kind["long_instruction"]["truncated"] is True  # cut from the left to fit, still answered
     assert by_kind["lone_surrogate_in_other_field"]["id"] == "\udfff"  # written back as the escape it was
 

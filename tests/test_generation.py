@@ -1,5 +1,6 @@
 """InstructionGenerator: stop at ### End, order under length sorting, left truncation."""
 
+import dataclasses
 import random
 
 import pytest
@@ -59,7 +60,7 @@ def test_stops_at_end_key(scripted, monkeypatch):
     monkeypatch.setattr(scripted.model, "generate", spy)
     results = scripted.generate(requests, GREEDY, batch_size=2)
     assert widths == [4, 4]  # generation itself stopped at ### End, well before max_new_tokens
-    for result, request in zip(results, requests):
+    for result, request in zip(results, requests, strict=True):
         assert result.response == "xyz"
         assert result.finish_reason == "stop"
         assert result.num_generated_tokens == 4  # x, y, z and ### End
@@ -78,6 +79,9 @@ def test_sampling_follows_the_model_and_the_seed(scripted, generator):
     assert scripted.generate(["Say hi"], params)[0].response == "xyz"  # the chain dominates any sample
     first = generator.generate(["Say hi", "Name a colour."], params)
     assert generator.generate(["Say hi", "Name a colour."], params) == first
+    # Another seed samples other tokens from the random model (a generator ignoring the seed would not).
+    other = generator.generate(["Say hi", "Name a colour."], dataclasses.replace(params, seed=4))
+    assert [r.response for r in other] != [r.response for r in first]
 
 
 def test_end_key_spelled_out_in_plain_tokens(generator):

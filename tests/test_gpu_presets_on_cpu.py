@@ -26,6 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.gpu_presets_on_cpu]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIM = os.path.join(ROOT, "tests", "cpu_fp16")
 STEPS = 8
+# The v100 run with the preset's own loss scale: enough steps past the first overflows to learn.
+V100_STEPS = 24
 
 
 def _train(model, dataset, storage, name, preset, *flags) -> dict:
@@ -55,7 +57,7 @@ def test_the_a10_preset_trains_resumes_exactly_and_exports_bf16(tiny_model_dir, 
     history, resumed_history = checkpoint.read_history(full["checkpoint"]), checkpoint.read_history(resumed["checkpoint"])
     assert history[-1]["train_loss"] < 0.92 * history[0]["train_loss"]
     assert [row["step"] for row in resumed_history] == list(range(1, STEPS + 1))
-    for before, after in zip(history, resumed_history):
+    for before, after in zip(history, resumed_history, strict=True):
         assert after["train_loss"] == pytest.approx(before["train_loss"], rel=1e-5), after["step"]
         assert after["learning_rate"] == before["learning_rate"]
     assert "loss_scale" not in history[-1]  # bf16 needs no loss scaling
@@ -70,8 +72,9 @@ def test_the_a10_preset_trains_resumes_exactly_and_exports_bf16(tiny_model_dir, 
     for name, tensor in weights.items():
         assert torch.equal(tensor, resumed_weights[name]), name
     tokenizer = AutoTokenizer.from_pretrained(full["hf_model"])
-    output = model.generate(**tokenizer("Reverse the letters of the word.", return_tensors="pt"), max_new_tokens=4, do_sample=False)
-    assert output.shape[1] > 0
+    inputs = tokenizer("Reverse the letters of the word.", return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]  # it generated (the output holds the prompt too)
 
 
 def test_v100_overflow_skips_the_step_and_halves_the_loss_scale(tiny_model_dir, dataset, tmp_path):
@@ -90,3 +93,18 @@ def test_v100_overflow_skips_the_step_and_halves_the_loss_scale(tiny_model_dir, 
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(summary["hf_model"]).dtype == torch.float16
+
+
+def test_the_v100_preset_applies_steps_with_its_own_loss_scale(tiny_model_dir, dataset, tmp_path):
+    """The preset as it ships (initial scale 2**16, hysteresis 2): its first steps overflow
+    and lower the scale, then steps apply, the loss falls and the weights move."""
+    summary = _train(tiny_model_dir, dataset, tmp_path, "own-scale", "v100", "--max-steps", str(V100_STEPS))
+    history = checkpoint.read_history(summary["checkpoint"])
+    assert [row["step"] for row in history] == list(range(1, V100_STEPS + 1))
+    skipped = history[-1]["skipped_steps"]
+    assert 0 < skipped and V100_STEPS - skipped >= V100_STEPS // 2, [(row["skipped_steps"], row["loss_scale"]) for row in history]
+    assert history[-1]["loss_scale"] < 2.0**16
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"], [row["train_loss"] for row in history]
+    exported, base = load_file(os.path.join(summary["hf_model"], "model.safetensors")), load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    moved = [name for name, tensor in exported.items() if not torch.equal(tensor.float(), base[name].half().float())]
+    assert len(moved) > len(exported) // 2, moved

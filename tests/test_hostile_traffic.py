@@ -543,11 +543,12 @@ def test_hostile_traffic_gets_4xx_and_the_server_keeps_answering(server, generat
         results = list(pool.map(lambda request: _send(server, request), made))
     elapsed = time.monotonic() - start
 
-    problems = [f"#{i} {r.kind} {r.method} {r.path}: {problem}" for i, (r, (_, problem)) in enumerate(zip(made, results)) if problem]
+    problems = [f"#{i} {r.kind} {r.method} {r.path}: {problem}" for i, (r, (_, problem)) in enumerate(zip(made, results, strict=True)) if problem]
     statuses = collections.Counter(status for status, _ in results)
     print(f"\nhostile requests: {len(made)} in {elapsed:.1f}s, by status {dict(sorted(statuses.items(), key=str))}")
     assert not problems, f"{len(problems)} of {len(made)} (seed {SEED}):\n" + "\n".join(problems[:40])
     assert statuses[200] >= 50 and sum(n for s, n in statuses.items() if 400 <= s < 500) >= 400 + len(NAMED) + len(NAMED_RAW)
+    assert sum(statuses.values()) == len(made) and not {s for s in statuses if not isinstance(s, int) or s >= 500}, statuses  # no 5xx, no dropped connection
 
     # The same replica, never restarted, still answers correctly.
     assert requests.get(f"{server}/v1/stats", timeout=60).json()["replica"] == replica
@@ -604,7 +605,7 @@ def test_a_killed_replica_is_replaced_and_requests_after_recovery_all_succeed(se
     before = _replica_processes(app)
     assert len(before) == 2
     instructions = [f"Repeat the word {word}." for word in ("ray", "serve", "dolly", "replica", "kill")]
-    expected = {i: r.response for i, r in zip(instructions, generator.generate(instructions, GREEDY, batch_size=1))}
+    expected = {i: r.response for i, r in zip(instructions, generator.generate(instructions, GREEDY, batch_size=1), strict=True)}
 
     stop = threading.Event()
     load = [Load(url, instructions, stop) for _ in range(4)]
@@ -643,6 +644,10 @@ def test_a_killed_replica_is_replaced_and_requests_after_recovery_all_succeed(se
         f"replaced in {recovered_at - killed_at:.1f}s; {len(after)} sent after recovery"
     )
     assert [(e[2], e[4]) for e in after] == [(200, expected[e[3]]) for e in after]
+    # At most the requests in flight when the replica died fail: one per client, each sent before the kill.
+    in_flight = [e for e in log if e[0] <= killed_at <= e[1]]
+    assert len(failed) <= len(in_flight) <= len(load), failed
+    assert all(e[0] <= killed_at <= e[1] for e in failed), failed
     # Both replicas, the new one included, answer.
     seen = {requests.get(f"{url}/v1/stats", timeout=60).json()["replica"] for _ in range(40)}
     assert len(seen) == 2

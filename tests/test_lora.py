@@ -110,6 +110,11 @@ def test_the_merged_export_answers_as_base_plus_adapter(reference_run):
     inputs = _inputs(tokenizer, reference_run.prompts)
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=inputs).logits, with_adapter(input_ids=inputs).logits, rtol=0, atol=1e-5)
+        # The adapters changed the model: trained (B is no longer zero) and moving the logits.
+        adapter = load_file(Path(run["adapter"]) / "adapter_model.safetensors")
+        assert all(t.abs().max() > 0 for name, t in adapter.items() if "lora_B" in name)
+        base = AutoModelForCausalLM.from_pretrained(reference_run.base, dtype=torch.float32)
+        assert (base(input_ids=inputs).logits - with_adapter(input_ids=inputs).logits).abs().max() > 0.1
     greedy = GenerationParams(greedy=True, max_new_tokens=16)
     answers = InstructionGenerator.from_pretrained(run["hf_model"]).generate(reference_run.prompts, greedy)
     assert [a.response for a in answers] == [a.response for a in InstructionGenerator(with_adapter, tokenizer).generate(reference_run.prompts, greedy)]

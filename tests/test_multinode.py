@@ -191,7 +191,7 @@ def test_a_lost_node_costs_only_time_and_a_stopped_run_resumes_from_the_bucket(c
 
     clean_history, history = checkpoint.read_history(clean_run["checkpoint"]), checkpoint.read_history(resumed["checkpoint"])
     assert [row["step"] for row in history] == list(range(1, STEPS + 1))
-    for before, after in zip(clean_history, history):
+    for before, after in zip(clean_history, history, strict=True):
         assert after["train_loss"] == pytest.approx(before["train_loss"], rel=1e-4), after["step"]
         assert after["learning_rate"] == pytest.approx(before["learning_rate"], rel=1e-9)
     # The rerun started from the stopped run's step 4; after the kill, from the bucket's step 6.

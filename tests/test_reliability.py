@@ -89,7 +89,7 @@ def test_training_survives_three_worker_kills_without_retraining_a_record(refere
 
     clean_history, faulty_history = checkpoint.read_history(clean["checkpoint"]), checkpoint.read_history(faulty["checkpoint"])
     assert [row["step"] for row in faulty_history] == list(range(1, 21))
-    for before, after in zip(clean_history, faulty_history):
+    for before, after in zip(clean_history, faulty_history, strict=True):
         assert after["train_loss"] == pytest.approx(before["train_loss"], rel=1e-4), after["step"]
         assert after["learning_rate"] == pytest.approx(before["learning_rate"], rel=1e-9)
 

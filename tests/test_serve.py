@@ -143,7 +143,7 @@ def test_generate_returns_the_generators_greedy_answer(server, generator):
 def test_openai_client_completions_chat_and_streams(server, generator, tiny_model_dir):
     import openai
 
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
     name = default_model_name(tiny_model_dir)
     assert [m.id for m in client.models.list()] == [name]
     instruction = "Give three tips for staying healthy."
@@ -248,16 +248,22 @@ def test_requests_with_different_parameters_in_one_batch(server, generator):
         {"instruction": "Name a color.", "temperature": 0, "max_new_tokens": 9},
         {"instruction": "Name a fruit.", "temperature": 0.8, "top_p": 0.9, "seed": 7, "max_new_tokens": 6},
         {"instruction": "Name a fruit.", "temperature": 0},
+        {"instruction": "Name a fruit.", "temperature": 0.8, "top_p": 0.9, "seed": 8, "max_new_tokens": 6},
     ] * 4
     with ThreadPoolExecutor(len(asks)) as pool:
         replies = list(pool.map(lambda body: _post(f"{server}/generate", body), asks))
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
-    for body, reply in zip(asks, replies):
+    for body, reply in zip(asks, replies, strict=True):
         max_new_tokens = body.get("max_new_tokens", MAX_NEW_TOKENS)
         assert reply.json()["usage"]["completion_tokens"] <= max_new_tokens
         if body["temperature"] == 0:
             [expected] = generator.generate([body["instruction"]], GenerationParams(greedy=True, max_new_tokens=max_new_tokens))
-            assert reply.json()["response"] == expected.response
+        else:  # a seeded sample is the generator's sample for that seed
+            params = GenerationParams(temperature=body["temperature"], top_p=body["top_p"], seed=body["seed"], max_new_tokens=max_new_tokens)
+            [expected] = generator.generate([body["instruction"]], params)
+        assert reply.json()["response"] == expected.response
+    sampled = {body["seed"]: reply.json()["response"] for body, reply in zip(asks, replies, strict=True) if "seed" in body}
+    assert sampled[7] != sampled[8]
 
 
 @pytest.mark.slow
@@ -278,6 +284,6 @@ def test_api_key(server, generator):
     assert reply.status_code == 200
     assert reply.json()["response"] == generator.generate(["Name a primary color."], GREEDY)[0].response
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong").completions.create(model="keyed", prompt="hi")
-    chat = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY).chat.completions.create(model="keyed", messages=[USER], temperature=0)
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).completions.create(model="keyed", prompt="hi")
+    chat = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0).chat.completions.create(model="keyed", messages=[USER], temperature=0)
     assert chat.choices[0].message.content == generator.generate(["hi"], GREEDY)[0].response

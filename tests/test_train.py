@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from dolly_ray import demo, prompts
+from dolly_ray.cli import ConfigError
 from dolly_ray.generate import scoring
 from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
 from dolly_ray.train import checkpoint, data, recipe
@@ -59,7 +60,7 @@ def test_answers_scored_during_training_equal_a_direct_computation(demo_run):
     # The demo's eval split (its seed 0, 2% held out), in file order, as the run took it.
     heldout = [r for r in records if data.in_eval_split(r["instruction"], r["input"], r["output"], seed=0, eval_fraction=0.02)][:32]
     answers = InstructionGenerator.from_pretrained(demo_run["hf_model"]).generate(heldout, GenerationParams(greedy=True, max_new_tokens=24))
-    direct = scoring.means([scoring.score(a.response, r["output"], a.finish_reason) for a, r in zip(answers, heldout)])
+    direct = scoring.means([scoring.score(a.response, r["output"], a.finish_reason) for a, r in zip(answers, heldout, strict=True)])
     assert {name: last[f"eval_{name}"] for name in scoring.FIGURES} == pytest.approx(direct)
     with Image.open(os.path.join(demo_run["hf_model"], checkpoint.LOSS_CURVE_FILE)) as picture:
         assert picture.size == (1300, 400)  # two panels: the losses and the answers' figures
@@ -142,8 +143,8 @@ def test_resume_continues_exactly_where_it_stopped(reference_run):
     assert resumed["epoch"] == 2  # resumed in the first epoch, went on through the second
 
     full_history, resumed_history = checkpoint.read_history(full["checkpoint"]), checkpoint.read_history(resumed["checkpoint"])
-    assert [row["step"] for row in resumed_history] == list(range(1, full["steps"] + 1))
-    for before, after in zip(full_history, resumed_history):
+    assert [row["step"] for row in resumed_history] == [row["step"] for row in full_history] == list(range(1, full["steps"] + 1))
+    for before, after in zip(full_history, resumed_history, strict=True):
         assert after["learning_rate"] == pytest.approx(before["learning_rate"], rel=1e-9)
         assert after["train_loss"] == pytest.approx(before["train_loss"], rel=1e-4)
         for name in ("eval_loss", "eval_exact_match", "eval_rouge_l", "eval_stopped_at_end"):  # the same records answered
@@ -160,4 +161,9 @@ def test_resume_continues_exactly_where_it_stopped(reference_run):
     saved = sorted(path.name for path in (reference_run.storage / "interrupted").glob("checkpoint_*"))
     again = recipe.run(reference_run.config("interrupted"))
     assert again["finished"] is True and again["steps"] == full["steps"] and again["checkpoint"] == resumed["checkpoint"]
+    assert sorted(path.name for path in (reference_run.storage / "interrupted").glob("checkpoint_*")) == saved
+
+    # Run again with another learning rate: refused before anything is reserved, not the old run returned.
+    with pytest.raises(ConfigError, match=r"^run 'interrupted' in .* was trained with other settings \(learning_rate: 0\.005 -> 0\.001\); pass --name"):
+        recipe.run(reference_run.config("interrupted", learning_rate=1e-3))
     assert sorted(path.name for path in (reference_run.storage / "interrupted").glob("checkpoint_*")) == saved

@@ -72,7 +72,7 @@ def test_the_vllm_batch_job_answers_as_the_hf_engine_with_one_row_per_input_row(
     written = [json.loads(line) for line in output.read_text().splitlines()]
     assert [w["id"] for w in written] == [r["id"] for r in rows]  # one row per input row, in order
     good = [w for w in written if not str(w["id"]).startswith("bad")]
-    for w, expected in zip(good, hf_answers):
+    for w, expected in zip(good, hf_answers, strict=True):
         assert (w["response"], w["finish_reason"], w["num_generated_tokens"], w["error"]) == (
             expected.response, expected.finish_reason, expected.num_generated_tokens, None
         ), w
@@ -121,7 +121,7 @@ def test_the_vllm_app_answers_chats_and_completions_as_the_hf_engine(vllm_server
     _, heldout = demo
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in client.models.list()] == [name]
-    for record, expected in list(zip(heldout, hf_answers))[:8]:
+    for record, expected in list(zip(heldout, hf_answers, strict=True))[:8]:
         # The chat template of the export writes the Dolly prompt: a system message is the Input block.
         messages = ([{"role": "system", "content": record["input"]}] if record["input"] else []) + [{"role": "user", "content": record["instruction"]}]
         chat = client.chat.completions.create(model=name, messages=messages, temperature=0, max_tokens=TOKENS)

@@ -12,6 +12,9 @@ if [ -d .whl ]; then
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# DeepSpeed's op builder cannot parse arch suffixes such as 9.0a (Hopper): build its fused
+# Adam for this GPU's plain compute capability.
+export TORCH_CUDA_ARCH_LIST="$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
 python3 benchmarks/train_throughput.py --gptj-6b --gradient-checkpointing --engine deepspeed \

@@ -29,7 +29,7 @@ from ray.train.torch import TorchTrainer
 from dolly_ray import cli, cluster, prompts, storage
 from dolly_ray.cli import ConfigError
 from dolly_ray.generate import scoring
-from dolly_ray.train import batching, data, labels, memory_plan, settle
+from dolly_ray.train import batching, data, labels, memory_plan, run_settings, settle
 from dolly_ray.train import checkpoint as ckpt
 from dolly_ray.train.config import StepPlan, TrainConfig, plan_steps, stop_step
 from dolly_ray.train.engine import build_engine
@@ -74,6 +74,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         return dry_run(settled, memory)
     settle.refuse_unfit(config, settled, memory)
     config = settled
+    run_settings.check_rerun(config)
     report, train_ds, eval_ds, answered = prepare_datasets(config)
     plan = plan_steps(config, train_ds.count(), eval_ds.count())
     logger.info("plan: %s optimizer steps, %s micro-batches per epoch per worker", plan.total_steps, plan.micro_batches_per_epoch)
