@@ -57,7 +57,7 @@ def expected(tiny_model_dir):
 
 def _check(rows_out, expected):
     assert len(rows_out) == len(ROWS) + 1  # the unparseable line is a row too
-    for out, (record, error) in zip(rows_out, ROWS, strict=True):
+    for out, (record, error) in zip(rows_out[: len(ROWS)], ROWS, strict=True):  # the unparseable line is checked below
         assert out["id"] == record["id"]  # input order
         if error is None:
             want = expected[record["id"]]

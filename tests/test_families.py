@@ -25,6 +25,8 @@ from dolly_ray.train import checkpoint, memory_plan, recipe
 # The rest of the suite runs GPT-J's whole path.
 WHOLE_PATH = [family for family in testing.FAMILIES if family != "gptj"]
 GREEDY = GenerationParams(greedy=True, max_new_tokens=16)
+# Optimizer steps of the packed run: enough to cut the loss by more than 30% at its learning rate.
+PACK_STEPS = 12
 INSTRUCTIONS = [("Reverse the letters of the word.", "ray"), ("Name a primary color.", None), ("Sort the numbers.", "3 1 2")]
 
 
@@ -44,10 +46,10 @@ def trained(request, ray_local, family_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"runs-{family}")
     dataset = tasks.write_jsonl(tasks.generate(160, seed=11), out / "tasks.jsonl")
     runs = {}
-    for strategy, micro_batch_size, steps in (("pack", 2, 6), ("pad", 8, 3)):
+    for strategy, micro_batch_size, steps in (("pack", 2, PACK_STEPS), ("pad", 8, 3)):
         config = testing.cpu_train_config(
             base_model, dataset, out, f"{family}-{strategy}", batching=strategy, max_steps=steps, micro_batch_size=micro_batch_size,
-            learning_rate=2e-3, warmup_steps=1, log_every=1, checkpoint_every=0,
+            learning_rate=6e-3, warmup_steps=1, log_every=1, checkpoint_every=0,
             sample_prompts=[{"instruction": i, "input": input or ""} for i, input in INSTRUCTIONS] if strategy == "pack" else [],
         )  # fmt: skip
         runs[strategy] = recipe.run(config)
@@ -62,7 +64,7 @@ def reloaded(trained):
 
 @pytest.mark.slow
 def test_trains_with_pack_and_pad_under_zero3(trained):
-    for strategy, steps in (("pack", 6), ("pad", 3)):
+    for strategy, steps in (("pack", PACK_STEPS), ("pad", 3)):
         summary = trained.runs[strategy]
         assert summary["steps"] == steps and summary["finished"] is True, strategy
         history = checkpoint.read_history(summary["checkpoint"])
@@ -70,7 +72,7 @@ def test_trains_with_pack_and_pad_under_zero3(trained):
         assert all(np.isfinite(row["train_loss"]) for row in history) and np.isfinite(summary["eval_loss"])
         assert all(0.4 < share < 0.6 for share in summary["param_partition_fractions"]), summary["param_partition_fractions"]
     packed = checkpoint.read_history(trained.runs["pack"]["checkpoint"])
-    assert packed[-1]["train_loss"] < packed[0]["train_loss"], packed  # six steps learn; pad's three only start
+    assert packed[-1]["train_loss"] < 0.7 * packed[0]["train_loss"], packed  # packed steps learn; pad's three only start
 
 
 @pytest.mark.slow

@@ -111,12 +111,13 @@ def test_training_on_a_half_hostile_file_uses_exactly_the_good_half(ray_local, t
     path = tmp_path / "hostile.jsonl"
     lines = fuzz.write_mixed_jsonl(path, _good(120), seed=4)
     config = testing.cpu_train_config(
-        tiny_model_dir, path, tmp_path / "runs", "hostile", epochs=1, micro_batch_size=8, batching="group", learning_rate=2e-3, warmup_steps=1,
+        tiny_model_dir, path, tmp_path / "runs", "hostile", epochs=2, micro_batch_size=8, batching="group", learning_rate=6e-3, warmup_steps=1,
         log_every=1, checkpoint_every=0,
     )  # fmt: skip
     summary = recipe.run(config)
     history = checkpoint.read_history(summary["checkpoint"])
-    assert [row["step"] for row in history] == list(range(1, summary["steps"] + 1)) and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert [row["step"] for row in history] == list(range(1, summary["steps"] + 1))
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"], [row["train_loss"] for row in history]
     usable = _usable(lines)
     in_eval = [data.in_eval_split(r["instruction"], r.get("input") or "", r["output"], config.seed, config.eval_fraction) for r in usable]
     assert summary["finished"] is True

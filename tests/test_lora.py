@@ -90,7 +90,9 @@ def test_a_dry_run_plans_lora_and_refuses_targets_the_model_lacks(ray_local, tin
 def test_lora_trains_and_its_checkpoints_hold_the_adapter(reference_run):
     run = reference_run.summary
     history = checkpoint.read_history(run["checkpoint"])
-    assert run["finished"] is True and history[-1]["train_loss"] < history[0]["train_loss"]
+    # Adapters on a random base learn slowly (the LoRA demo first trains a base for this
+    # reason): 20 steps cut the loss by more than a tenth, far beyond step-to-step noise.
+    assert run["finished"] is True and history[-1]["train_loss"] < 0.9 * history[0]["train_loss"], [row["train_loss"] for row in history]
     checkpoint_dir = Path(run["checkpoint"])
     state_bytes = sum(f.stat().st_size for f in (checkpoint_dir / "deepspeed").rglob("*") if f.is_file())
     model_bytes = os.path.getsize(os.path.join(run["hf_model"], "model.safetensors"))

@@ -83,7 +83,7 @@ def _train(cluster, job_id: str, name: str, *flags: str, data: str = "train.json
         "python", "jobs/train.py", "--preset", "cpu",
         "--model", f"s3://{BUCKET}/base-model", "--dataset", f"s3://{BUCKET}/data/{data}",
         "--num-workers", "2", "--cpus-per-worker", "2", "--max-steps", str(STEPS), "--micro-batch-size", "2",
-        "--learning-rate", "2e-3", "--warmup-steps", "3", "--log-every", "1", "--checkpoint-every", "2",
+        "--learning-rate", "8e-3", "--warmup-steps", "1", "--log-every", "1", "--checkpoint-every", "2",
         "--max-length", "128", "--eval-fraction", "0.1",
         "--storage-path", f"s3://{BUCKET}/dolly", "--tensorboard-dir", f"s3://{BUCKET}/tb", "--name", name, *flags,
     )  # fmt: skip
@@ -125,7 +125,7 @@ def test_training_spans_two_nodes_and_keeps_everything_in_the_bucket(cluster, s3
 
     history = checkpoint.read_history(checkpoint_uri)
     assert [row["step"] for row in history] == list(range(1, STEPS + 1))
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"], [row["train_loss"] for row in history]
     saved = [row for row in history if "checkpoint_save_s" in row]
     assert [row["step"] for row in saved] == [2, 4, 6, 8]
     assert all(row["checkpoint_upload_s"] > 0 for row in saved[:-1])  # the last one's arrives with the next
