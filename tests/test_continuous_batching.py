@@ -72,9 +72,14 @@ def test_seeded_sampling_is_reproducible_and_matches_the_generator(engine, gener
     [expected] = generator.generate(["Name a fruit."], params)
     for _ in range(2):
         assert asyncio.run(engine.answer("Name a fruit.", params)) == expected
-    [other] = generator.generate(["Name a fruit."], GenerationParams(temperature=0.9, top_p=0.95, max_new_tokens=12, seed=12))
-    assert asyncio.run(engine.answer("Name a fruit.", GenerationParams(temperature=0.9, top_p=0.95, max_new_tokens=12, seed=12))) == other
+    other_params = GenerationParams(temperature=0.9, top_p=0.95, max_new_tokens=12, seed=12)
+    [other] = generator.generate(["Name a fruit."], other_params)
     assert other.response != expected.response
+
+    async def at_once():  # two seeds asked together still draw from their own streams
+        return await asyncio.gather(*(engine.answer("Name a fruit.", p) for p in [params, other_params] * 3))
+
+    assert asyncio.run(at_once()) == [expected, other] * 3
 
 
 def test_sampling_without_a_seed_varies_and_respects_the_limit(engine):

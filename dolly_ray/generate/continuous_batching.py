@@ -15,6 +15,7 @@ import asyncio
 import bisect
 import collections
 import math
+import threading
 import time
 import uuid
 from typing import AsyncIterator
@@ -62,6 +63,9 @@ class ContinuousBatcher:
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         self.generator = generator
+        # torch's random stream is one per process: seeded requests take turns, or two
+        # seeds drawing at once would each get a mix of both streams.
+        self.seeded_turn = threading.Lock()
         model = generator.model
         cache = ContinuousBatchingConfig(per_request_processors=True, max_requests_per_batch=max_requests_per_batch)
         if model.device.type == "cpu":
@@ -176,7 +180,7 @@ class ContinuousBatcher:
         return output
 
     def _generate_seeded(self, request: Request, params: GenerationParams) -> GenerationResult:
-        with self.manager.pause():
+        with self.seeded_turn, self.manager.pause():
             [result] = self.generator.generate([request], params)
         return result
 
