@@ -1,11 +1,13 @@
 """Dolly instruction tuning as a Ray Train job: TorchTrainer workers running DeepSpeed ZeRO-3.
 
-The driver (``run``) checks the model, prepares the records with Ray Data (validation
-counts and strict errors come before any GPU is reserved), plans the step count and
-starts the trainer. Each worker (``train_loop_per_worker``) builds its engine with the
-model already partitioned, restores the latest checkpoint if there is one, trains its
-deterministic shard, and reports metrics and checkpoints to Ray Train. Rerunning with
-the same storage path and name resumes from the latest checkpoint.
+The driver (``run``) settles the run (``settle``: every check and choice before anything
+is reserved), checks a rerun against the run's saved settings (``run_settings``),
+prepares the records with Ray Data (validation counts and strict errors come before any
+GPU is reserved), plans the step count and starts the trainer. Each worker
+(``train_loop_per_worker``) builds its engine with the model already partitioned,
+restores the latest checkpoint if there is one, trains its deterministic shard, and
+reports metrics and checkpoints to Ray Train. Rerunning with the same storage path,
+name and settings resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
