@@ -44,8 +44,6 @@ _REQUEST_SCHEMA = pa.schema(
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-
-
 def input_columns(spec: str | Columns) -> Columns:
     """The instruction/input columns: a schema name (alpaca, dolly) or ``instruction=A,input=B``."""
     return sources.parse_columns(spec, require_output=False)

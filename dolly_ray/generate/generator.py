@@ -68,16 +68,6 @@ class GenerationResult:
     truncated: bool  # the prompt was cut from the left to fit the context
 
 
-
-
-
-
-
-
-
-
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

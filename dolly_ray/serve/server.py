@@ -42,8 +42,6 @@ logger = logging.getLogger(__name__)
 APP_NAME = "dolly_ray"
 
 
-
-
 # --- the deployment -----------------------------------------------------------------
 
 
@@ -212,8 +210,6 @@ class InstructionServer:
 
 
 # --- building and running -----------------------------------------------------------
-
-
 
 
 def check(config: ServeConfig) -> None:

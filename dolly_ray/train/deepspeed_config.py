@@ -72,8 +72,6 @@ def check_preset(preset: str, use_gpu: bool | None, accelerator_type: str) -> bo
     return use_gpu
 
 
-
-
 def preset_for_gpu(compute_capability: tuple[int, int], memory_gib: float) -> str:
     """The preset that fits one GPU: bf16 needs compute capability 8.0 (Ampere) or later,
     and the optimizer state stays on the GPU only with 32 GiB or more.

@@ -60,8 +60,6 @@ GPUS = {
 REFERENCE_GPU = {"a10": "A10G", "v100": "V100", "a100": "A100"}
 
 
-
-
 @dataclass(frozen=True)
 class ModelShape:
     """What the plan needs to know of a model, read from its config without its weights."""

@@ -50,9 +50,9 @@ def check_rerun(config: TrainConfig) -> None:
     defining settings (``--restart`` deletes it first, to train afresh); otherwise they
     are written there, so the next attempt can be checked."""
     run_dir = storage.join(config.storage_path, config.name)
-    if config.restart and storage.subdirs(run_dir):
+    if config.restart:
         logger.info("--restart: deleting run %s", run_dir)
-        storage.delete_dir(run_dir)
+        storage.delete_dir(run_dir)  # nothing when it is not there
     settings = defining(config)
     saved = _read(run_dir)
     if saved is not None and saved != settings and any(d.startswith(CHECKPOINT_PREFIX) for d in storage.subdirs(run_dir)):
