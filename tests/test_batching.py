@@ -4,6 +4,8 @@ import json
 import types
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 
@@ -24,6 +26,27 @@ def _column(values):
     column = np.empty(len(values), dtype=object)
     column[:] = values
     return column
+
+
+def _records_table(ids, record_labels):
+    """Records as preparation stores them: ids, a loss mask, token counts."""
+    return pa.table(
+        {
+            "input_ids": pa.array(ids, pa.list_(pa.int32())),
+            "loss_mask": pa.array([row != labels.IGNORE_INDEX for row in record_labels], pa.list_(pa.bool_())),
+            "num_tokens": pa.array([len(row) for row in ids], pa.int32()),
+        }
+    )
+
+
+class InMemoryRows:
+    """A worker's rows (``prepared.WorkerRows``) held in memory."""
+
+    def __init__(self, table):
+        self.table, self.num_rows = table, table.num_rows
+
+    def read(self, start, stop):
+        return batching.numpy_rows(self.table.slice(start, stop - start))
 
 
 def _loaded(model_dir):
@@ -80,14 +103,10 @@ def test_packed_forward_gives_the_same_losses_and_gradients(family, family_model
     lengths = np.array([len(x) for x in ids])
     if family == "mistral":  # its sliding window slides within the longer records
         assert lengths.max() > tiny_model.config.sliding_window
-    response_id = prompts.load_tokenizer(model_dir).convert_tokens_to_ids(prompts.RESPONSE_KEY)
     padded = batching.PaddedRecordsCollator(0)({"input_ids": _column(ids), "labels": _column(record_labels)})
-    packed_rows = batching.pack_batch({"input_ids": _column(ids), "num_tokens": lengths}, max_length=256, response_id=response_id)
+    packed_rows = batching.pack(_records_table(ids, record_labels), max_length=256)
     assert packed_rows.num_rows < len(ids) / 3  # several records share each row
-    packed = batching.PackedRowsCollator(0)(
-        {name: _column([np.asarray(v) for v in packed_rows[name].to_pylist()]) for name in ("input_ids", "labels", "lengths")}
-        | {"num_tokens": packed_rows["num_tokens"].to_numpy()}
-    )
+    packed = batching.PackedRowsCollator(0)(batching.numpy_rows(packed_rows))
     assert int(packed[batching.NUM_TOKENS]) == int(padded[batching.NUM_TOKENS]) == lengths.sum()
     assert labels.label_tokens(packed["labels"]) == labels.label_tokens(padded["labels"])
 
@@ -138,18 +157,43 @@ def test_packing_fills_rows_on_real_instruction_data(shared_records_path, tmp_pa
     assert pad_fraction < 0.8 * fraction, pad_fraction
 
 
-def test_group_keeps_the_micro_batch_count_and_groups_lengths(ray_local):
-    rng = np.random.default_rng(1)
-    rows = [{"input_ids": np.arange(n, dtype=np.int32), "labels": np.arange(n, dtype=np.int32), "num_tokens": n} for n in rng.integers(2, 200, 700)]
-    dataset = ray_local.data.from_items(rows)
+def _numbered_records(n, seed=1):
+    """Records whose first token is their number, of random lengths."""
+    lengths = np.random.default_rng(seed).integers(2, 200, n)
+    ids = [np.concatenate([[i], np.arange(1, length)]).astype(np.int32) for i, length in enumerate(lengths)]
+    return InMemoryRows(_records_table(ids, ids))
+
+
+def test_group_keeps_the_micro_batch_count_and_groups_lengths():
+    rows = _numbered_records(700)
     counts, padded_tokens = {}, {}
     for strategy in ("pad", "group"):
-        batches = list(batching.micro_batches(dataset, strategy, micro_batch_size=4, pad_token_id=0, shuffle_rows=64, seed=7))
+        batches = list(batching.micro_batches(rows, strategy, micro_batch_size=4, pad_token_id=0, window_rows=64, seed=7))
         counts[strategy] = len(batches)
         padded_tokens[strategy] = sum(b["input_ids"].numel() for b in batches)
-        assert sum(int(b[batching.NUM_TOKENS]) for b in batches) == sum(r["num_tokens"] for r in rows)
+        assert sum(int(b[batching.NUM_TOKENS]) for b in batches) == pc.sum(rows.table["num_tokens"]).as_py()
     assert counts["pad"] == counts["group"] == 175  # what plan_steps counts: ceil(700 / 4)
     assert padded_tokens["group"] < 0.75 * padded_tokens["pad"]
+
+
+@pytest.mark.parametrize("strategy", batching.STRATEGIES)
+def test_an_epoch_gives_every_row_once_and_a_resumed_pass_the_same_micro_batches(strategy):
+    table = _numbered_records(301).table
+    if strategy == "pack":
+        table = batching.pack(table, 1024)
+    rows = InMemoryRows(table)
+
+    def first_tokens(seed, skip=0):
+        batches = batching.micro_batches(rows, strategy, micro_batch_size=4, pad_token_id=0, window_rows=30, seed=seed, skip=skip)
+        return [[int(row[0]) for row in batch["input_ids"]] for batch in batches]
+
+    epoch = first_tokens(seed=5)
+    assert len(epoch) == -(-rows.num_rows // 4)
+    if strategy != "pack":  # a packed row starts with one of its records
+        assert sorted(i for batch in epoch for i in batch) == list(range(301))
+    assert first_tokens(seed=5, skip=17) == epoch[17:]  # resumed mid-window, mid-epoch
+    assert first_tokens(seed=6) != epoch  # the next epoch is shuffled anew
+    assert first_tokens(seed=None) == first_tokens(seed=None, skip=0)
 
 
 def test_unknown_batching_is_refused():

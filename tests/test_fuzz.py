@@ -11,11 +11,15 @@ from dolly_ray import testing
 from dolly_ray.batch import generation
 from dolly_ray.batch.config import BatchConfig
 from dolly_ray.records import fuzz, sources, tasks
-from dolly_ray.train import checkpoint, data, recipe
+from dolly_ray.train import checkpoint, data, prepared, recipe
 
 
 def _good(n, seed=3):
     return [{k: r[k] for k in ("instruction", "input", "output")} for r in tasks.generate(n, seed=seed)]
+
+
+def _prepare(path, model_dir, **config):
+    return prepared.prepare(data.DataConfig(source=str(path), **config), model_dir, str(path.parent / "prepared"))
 
 
 def _usable(lines):
@@ -26,7 +30,7 @@ def test_every_kind_of_hostile_line_is_counted_by_reason(ray_local, tiny_model_d
     path = tmp_path / "hostile.jsonl"
     lines = fuzz.write_mixed_jsonl(path, _good(40), seed=1)
     assert {case.kind for case in lines} >= {case.kind for case in fuzz.cases(0)}  # every kind is in the file
-    report = data.PreparedData(data.DataConfig(source=str(path), max_length=256, eval_fraction=0.0), tiny_model_dir).report()
+    report = _prepare(path, tiny_model_dir, max_length=256, eval_fraction=0.0).report
 
     expected = collections.Counter(case.skip_reason for case in lines if case.skip_reason)
     assert report.skipped == dict(expected)
@@ -42,7 +46,7 @@ def test_strict_mode_stops_at_the_first_hostile_line(ray_local, tiny_model_dir, 
     lines = fuzz.write_mixed_jsonl(path, _good(10), seed=2, long_chars=10_000)
     first = next(number for number, case in enumerate(lines, start=1) if case.skip_reason)
     with pytest.raises(sources.DataError, match=rf"invalid record \({lines[first - 1].skip_reason}\) in .*hostile.jsonl row {first}: "):
-        data.PreparedData(data.DataConfig(source=str(path), max_length=256, strict=True), tiny_model_dir).report()
+        _prepare(path, tiny_model_dir, max_length=256, strict=True)
 
 
 WRONG_EXTENSIONS = {
@@ -64,7 +68,7 @@ def test_wrong_file_extension_gives_a_clear_error(ray_local, tiny_model_dir, tmp
     }
     writers[name](tmp_path / name)
     with pytest.raises(sources.DataError, match=WRONG_EXTENSIONS[name]):
-        data.PreparedData(data.DataConfig(source=str(tmp_path / name)), tiny_model_dir).report()
+        _prepare(tmp_path / name, tiny_model_dir)
 
 
 def test_batch_job_refuses_an_unsupported_file_type(tiny_model_dir, tmp_path):

@@ -3,43 +3,38 @@
 - ``pad``: random micro-batches of ``micro_batch_size`` records, right-padded to their
   longest row (Dolly's way). On Alpaca-like data much of what is computed is padding
   (benchmarks/RESULTS.md).
-- ``group``: the same records per micro-batch, but each worker sorts windows of
-  ``GROUP_WINDOW_BATCHES`` micro-batches by length before cutting them, so a
+- ``group``: the same records per micro-batch, but each worker sorts each window of
+  rows it reads (``--shuffle-buffer-rows``) by length before cutting it, so a
   micro-batch holds records of similar length; the micro-batches of a window are then
   shuffled. Same micro-batch count as ``pad``.
-- ``pack``: on the driver, before the data is split between workers, records are packed
-  whole (never split) into rows of at most ``max_length`` tokens; a micro-batch is
-  ``micro_batch_size`` such packed rows, so it holds up to ``micro_batch_size *
-  max_length`` tokens: the same worst case as ``pad``, but nearly all of it real tokens.
-  ``position_ids`` restart at 0 for each record, and transformers turns restarting
-  positions (with no 2D attention mask and no cache) into a block-diagonal causal mask,
-  so records in one row never see each other; each record's labels come from
-  ``labels.record_labels``, whose first label is always ignored, so no token is
-  predicted from the previous record.
+- ``pack``: records are packed whole (never split) into rows of at most ``max_length``
+  tokens; a micro-batch is ``micro_batch_size`` such packed rows, so it holds up to
+  ``micro_batch_size * max_length`` tokens: the same worst case as ``pad``, but nearly
+  all of it real tokens. ``position_ids`` restart at 0 for each record, and
+  transformers turns restarting positions (with no 2D attention mask and no cache) into
+  a block-diagonal causal mask, so records in one row never see each other; each
+  record's labels come from ``labels.record_labels``, whose first label is always
+  ignored, so no token is predicted from the previous record.
 
-Packing is done once on the driver so the number of packed rows, and therefore every
-worker's step count, is known before training starts; packed rows are reshuffled on
-each worker every epoch.
+Packing happens once, when the data is prepared (``prepared``), in windows of records,
+so the number of packed rows, and therefore every worker's step count, is known before
+training starts; packed rows are reshuffled on each worker every epoch.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from dolly_ray.train import labels
 
 STRATEGIES = ("pad", "group", "pack")
-# Micro-batches per length-sorted window in ``group``: large enough for similar lengths,
-# small enough that an epoch's order stays random.
-GROUP_WINDOW_BATCHES = 64
-# Records packed together on the driver: the more at once, the fuller best fit leaves
-# the rows (benchmarks/RESULTS.md has the fill on Alpaca-like data).
-PACK_WINDOW_ROWS = 8192
 # Key of the useful (non-padding) token count that collators add to each batch; it is
 # metadata for throughput, taken out before the model sees the batch.
 NUM_TOKENS = "num_tokens"
@@ -64,7 +59,7 @@ def check_packing_attention(model_config) -> None:
         )
 
 
-# --- packing (driver side) ----------------------------------------------------------
+# --- packing (at preparation) --------------------------------------------------------
 
 
 def pack_lengths(lengths: list[int] | np.ndarray, capacity: int, seed: int = 0) -> list[list[int]]:
@@ -94,33 +89,39 @@ def pack_lengths(lengths: list[int] | np.ndarray, capacity: int, seed: int = 0) 
     return rows
 
 
-def pack_batch(batch: dict[str, np.ndarray], *, max_length: int, response_id: int, seed: int = 0) -> pa.Table:
-    """map_batches function: tokenized records -> packed rows (see the module docstring)."""
-    input_ids, row_labels, lengths = [], [], []
-    for row in pack_lengths(batch["num_tokens"], max_length, seed):
-        input_ids.append(np.concatenate([batch["input_ids"][i] for i in row]))
-        row_labels.append([label for i in row for label in labels.record_labels(batch["input_ids"][i], response_id)])
-        lengths.append([int(batch["num_tokens"][i]) for i in row])
-    return pa.Table.from_pydict(
+def pack(rows: pa.Table, max_length: int, seed: int = 0) -> pa.Table:
+    """Records (``input_ids``, ``loss_mask``, ``num_tokens``) packed whole into rows of at
+    most ``max_length`` tokens, each row with its records' ``lengths`` (see the module docstring)."""
+    packed = pack_lengths(rows["num_tokens"].to_numpy(), max_length, seed)
+    taken = rows.take(pa.array(np.concatenate(packed) if packed else [], pa.int64()))
+    record_tokens = taken["num_tokens"].to_numpy()
+    records_per_row = np.array([len(row) for row in packed], np.int64)
+    row_tokens = np.add.reduceat(record_tokens, np.cumsum(records_per_row) - records_per_row) if packed else record_tokens
+    token_offsets = list_offsets(row_tokens)
+    return pa.table(
         {
-            "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
-            "labels": pa.array(row_labels, pa.list_(pa.int32())),
-            "lengths": pa.array(lengths, pa.list_(pa.int32())),
-            "num_tokens": pa.array([sum(x) for x in lengths], pa.int32()),
+            "input_ids": pa.ListArray.from_arrays(token_offsets, pc.list_flatten(taken["input_ids"]).combine_chunks()),
+            "loss_mask": pa.ListArray.from_arrays(token_offsets, pc.list_flatten(taken["loss_mask"]).combine_chunks()),
+            "lengths": pa.ListArray.from_arrays(list_offsets(records_per_row), pa.array(record_tokens, pa.int32())),
+            "num_tokens": pa.array(row_tokens, pa.int32()),
         }
     )
 
 
-def prepare(dataset, strategy: str, max_length: int, response_id: int, seed: int = 0):
-    """The driver-side transform of tokenized records for ``strategy`` (packing for ``pack``).
+def list_offsets(sizes: np.ndarray) -> pa.Array:
+    """Arrow list offsets for consecutive lists of ``sizes`` elements."""
+    return pa.array(np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]), pa.int32())
 
-    Row counts of the result are what the step plan divides between workers.
-    """
-    check_strategy(strategy)
-    if strategy != "pack":
-        return dataset
-    options = {"max_length": max_length, "response_id": response_id, "seed": seed}
-    return dataset.map_batches(pack_batch, fn_kwargs=options, batch_size=PACK_WINDOW_ROWS, batch_format="numpy")
+
+def numpy_rows(table: pa.Table) -> dict[str, np.ndarray]:
+    """Prepared rows as the collators take them: a numpy column each (lists as arrays of
+    arrays), with the labels the loss mask stands for."""
+    rows = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names if name != "loss_mask"}
+    ids = pc.list_flatten(table["input_ids"]).to_numpy()
+    mask = pc.list_flatten(table["loss_mask"]).to_numpy(zero_copy_only=False)
+    label_ids = pa.array(np.where(mask, ids, labels.IGNORE_INDEX).astype(np.int32))
+    rows["labels"] = pa.ListArray.from_arrays(list_offsets(table["num_tokens"].to_numpy()), label_ids).to_numpy(zero_copy_only=False)
+    return rows
 
 
 # --- collating (worker side) --------------------------------------------------------
@@ -172,37 +173,40 @@ class PackedRowsCollator:
 
 
 def micro_batches(
-    shard, strategy: str, *, micro_batch_size: int, pad_token_id: int, shuffle_rows: int | None = None, seed: int | None = None
+    rows, strategy: str, *, micro_batch_size: int, pad_token_id: int, window_rows: int, seed: int | None = None, skip: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """One worker's micro-batches of one pass over its shard (shuffled when ``seed`` is given).
+    """One worker's micro-batches of one pass over its ``rows`` (``prepared.WorkerRows``),
+    from micro-batch ``skip`` on.
 
-    ``pad`` and ``group`` give ``ceil(rows / micro_batch_size)`` micro-batches, ``pack``
-    the same over packed rows: the counts the driver plans with.
+    The rows are read in windows of ``window_rows`` (rounded up to whole micro-batches).
+    With a ``seed`` (training) the windows come in a seeded random order and each
+    window's rows are shuffled (``pad``, ``pack``) or length-grouped (``group``) by a
+    generator seeded by the window, so a resumed pass seeks straight to its window. Without
+    one (eval) they come in order. Every strategy gives ``ceil(rows / micro_batch_size)``
+    micro-batches: the counts the driver plans with.
     """
     check_strategy(strategy)
-    shuffle = {"local_shuffle_buffer_size": shuffle_rows, "local_shuffle_seed": seed} if seed is not None else {}
-    if strategy != "group":
-        collate = PackedRowsCollator(pad_token_id) if strategy == "pack" else PaddedRecordsCollator(pad_token_id)
-        yield from shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=_numpy_collate_fn(collate), **shuffle)
-        return
-    collate = PaddedRecordsCollator(pad_token_id)
-    rng = np.random.default_rng(seed) if seed is not None else None
-    window_rows = micro_batch_size * GROUP_WINDOW_BATCHES
-    for window in shard.iter_batches(batch_size=window_rows, batch_format="numpy", **shuffle):
-        for rows in length_groups(window["num_tokens"], micro_batch_size, rng):
-            yield collate({key: window[key][rows] for key in ("input_ids", "labels")})
-
-
-def _numpy_collate_fn(collate):
-    """``collate`` as the Ray Data collate function it is, one that takes numpy batches
-    (Ray is imported only here, where the data comes from Ray)."""
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    class Collate(NumpyBatchCollateFn):
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-            return collate(batch)
-
-    return Collate()
+    collate = PackedRowsCollator(pad_token_id) if strategy == "pack" else PaddedRecordsCollator(pad_token_id)
+    window_rows = math.ceil(window_rows / micro_batch_size) * micro_batch_size
+    starts = np.arange(0, rows.num_rows, window_rows)
+    if seed is not None:
+        starts = np.random.default_rng(seed).permutation(starts)
+    for start in starts:
+        size = min(window_rows, rows.num_rows - int(start))
+        count = math.ceil(size / micro_batch_size)
+        if skip >= count:
+            skip -= count
+            continue
+        window = rows.read(int(start), int(start) + size)
+        rng = np.random.default_rng([seed, int(start)]) if seed is not None else None
+        if strategy == "group":
+            groups = length_groups(window["num_tokens"], micro_batch_size, rng)
+        else:
+            order = rng.permutation(size) if rng is not None else np.arange(size)
+            groups = [order[i : i + micro_batch_size] for i in range(0, size, micro_batch_size)]
+        for group in groups[skip:]:
+            yield collate({key: values[group] for key, values in window.items()})
+        skip = 0
 
 
 def length_groups(lengths, micro_batch_size: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from dolly_ray.cli import ConfigError, check_at_least, option
+from dolly_ray.records.sources import DataError
 from dolly_ray.train import batching, data, deepspeed_config
 
 # Enough for DeepSpeed's CPU Adam on the offloaded optimizer state of one GPU's partition.
@@ -44,7 +45,7 @@ class TrainConfig:
     lora_target_modules: str = option("all-linear", "modules that get adapters: all-linear (every linear layer of attention and MLP) or comma-separated names, e.g. q_proj,v_proj")
     gradient_checkpointing: bool | None = option(None, "recompute activations in backward to save memory (default: only where the memory plan needs it)")
     batching: str = option("pack", "micro-batches: pack (records packed whole into max_length-token rows; micro_batch_size counts packed rows), group (length-grouped records) or pad (random records padded to the longest, Dolly's way)")
-    shuffle_buffer_rows: int = option(1024, "rows in each worker's shuffle buffer (reshuffled every epoch)")
+    shuffle_buffer_rows: int = option(1024, "rows in each worker's shuffle window: every epoch a worker reads its windows in a new order and shuffles the rows within each")
     seed: int = option(42, "seed for initialisation, shuffling and the eval split")
     # How often.
     log_every: int = option(10, "report metrics every N optimizer steps")
@@ -75,7 +76,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.use_gpu = deepspeed_config.check_preset(self.preset, self.use_gpu, self.accelerator_type)
-        check_at_least(self, 1, "epochs", "micro_batch_size", "gradient_accumulation_steps", "num_workers", "max_length", "log_every", "eval_generate_max_new_tokens")
+        check_at_least(self, 1, "epochs", "micro_batch_size", "gradient_accumulation_steps", "num_workers", "max_length", "log_every", "eval_generate_max_new_tokens", "shuffle_buffer_rows")
         check_at_least(self, 0, "eval_generate", "lora_r", "lora_dropout")
         if self.lora_dropout >= 1:
             raise ConfigError(f"--lora-dropout must be below 1, got {self.lora_dropout}")
@@ -100,6 +101,7 @@ class TrainConfig:
             eval_fraction=self.eval_fraction,
             seed=self.seed,
             strict=self.strict_data,
+            pack=self.batching == "pack",
         )
 
 
@@ -115,11 +117,11 @@ class StepPlan:
 def plan_steps(config: TrainConfig, train_rows: int, eval_rows: int) -> StepPlan:
     rows_per_worker = train_rows // config.num_workers
     if rows_per_worker == 0:
-        raise data.DataError(f"{train_rows} training records cannot feed {config.num_workers} workers")
+        raise DataError(f"{train_rows} training rows cannot feed {config.num_workers} workers (with --batching pack a row holds several records)")
     micro_batches = math.ceil(rows_per_worker / config.micro_batch_size)
     epoch_steps = micro_batches // config.gradient_accumulation_steps
     if epoch_steps == 0:
-        raise data.DataError(
+        raise DataError(
             f"one epoch has {micro_batches} micro-batches per worker, fewer than gradient_accumulation_steps "
             f"{config.gradient_accumulation_steps}"
         )

@@ -1,19 +1,19 @@
-"""Training preparation with Ray Data: validated records -> Dolly text -> token ids, labels, split.
+"""Validated records -> Dolly text -> token ids, labels and split, and the report that counts them.
 
 The records come from ``sources.read_records`` (every source, with exact rows and
 skip reasons). Here they are formatted in the Dolly prompt, tokenized, given labels on
 the response and ``### End`` only (``labels.record_labels``), and split into train and
 eval by content. Bad records are never dropped silently: they keep their row until
-the report pass has counted them, and in strict mode the first one stops the run with
-its source, row and field.
+the report has counted them, and in strict mode the first one stops the run with its
+source, row and field. ``prepared`` runs this over a dataset with Ray Data and keeps the
+result.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import logging
+import json
 import os
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
@@ -22,13 +22,10 @@ import numpy as np
 import pyarrow as pa
 
 from dolly_ray import prompts
-from dolly_ray.records.sources import SCHEMAS, DataError, iterate, read_records
+from dolly_ray.records.sources import SCHEMAS
 from dolly_ray.train import labels
 
-logger = logging.getLogger(__name__)
-
-TRAINING_COLUMNS = ["input_ids", "labels", "num_tokens"]
-EVAL_TEXT_COLUMNS = ["instruction", "input", "output"]
+EVAL_TEXT_COLUMNS = ("instruction", "input", "output")
 
 
 @dataclass
@@ -42,6 +39,7 @@ class DataConfig:
     eval_fraction: float = 0.02
     seed: int = 42
     strict: bool = False
+    pack: bool = True  # records packed into max_length-token rows (batching "pack")
 
 
 def in_eval_split(instruction: str, input: str, output: str, seed: int, eval_fraction: float) -> bool:
@@ -94,7 +92,7 @@ def _files_stamp(path: str) -> float:
 
 def tokenize_batch(batch: pa.Table, *, tokenizer: str, max_length: int, seed: int, eval_fraction: float, trust_remote_code: bool = False) -> pa.Table:
     """map_batches function: validated records -> token ids, labels, length and split; held-out
-    records keep their text too, for answering them during training (``eval_records``)."""
+    records keep their text too, for answering them during training (``Prepared.heldout``)."""
     records = batch.to_pylist()
     usable = [i for i, r in enumerate(records) if not r["skip_reason"]]
     loaded = _tokenizer(tokenizer, trust_remote_code, _files_stamp(tokenizer))
@@ -135,6 +133,20 @@ class DataReport:
     skipped: dict[str, int] = field(default_factory=dict)
     first_skip: dict[str, str] = field(default_factory=dict)  # reason -> "source row N: detail"
     token_lengths: dict[str, float] = field(default_factory=dict)  # min, median, p95, max
+    first_bad: str = ""  # "(reason) in source row N: detail" of the first skipped record: strict mode's error
+
+    def add_window(self, window: dict, lengths: dict[int, int]) -> None:
+        """Count one prepared window (``prepared.prepare_window``'s account); its usable
+        records' token lengths go into ``lengths``."""
+        self.total += window["records"]
+        self.train_rows += window["train_records"]
+        self.eval_rows += window["eval_records"]
+        for reason, count, where in json.loads(window["skips"]):
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+            self.first_skip.setdefault(reason, where)
+            self.first_bad = self.first_bad or f"({reason}) in {where}"
+        for value, count in zip(window["length_values"], window["length_counts"]):
+            lengths[value] = lengths.get(value, 0) + count
 
     @property
     def num_skipped(self) -> int:
@@ -149,86 +161,31 @@ class DataReport:
         )
 
 
-class PreparedData:
-    """Tokenized records, lazily: nothing runs until a pass or a consumer pulls rows."""
-
-    def __init__(self, config: DataConfig, tokenizer: str, *, trust_remote_code: bool = False, records=None):
-        """``records``: a Ray Dataset in the record schema, instead of reading ``config.source``."""
-        self.config = config
-        if records is None:
-            records = read_records(config.source, config.columns, config.split)
-        options = {"tokenizer": tokenizer, "max_length": config.max_length, "seed": config.seed, "eval_fraction": config.eval_fraction}
-        self.records = records.map_batches(tokenize_batch, fn_kwargs={**options, "trust_remote_code": trust_remote_code}, batch_format="pyarrow")
-
-    def materialize(self) -> "PreparedData":
-        """Run the pipeline once into the object store (not the driver), for several passes."""
-        self.records = self.records.materialize()
-        return self
-
-    def _usable(self, is_eval: bool, columns: list[str] = TRAINING_COLUMNS):
-        from ray.data.expressions import col
-
-        usable = (col("skip_reason") == "") & (col("is_eval") == is_eval)
-        return self.records.filter(expr=usable).select_columns(columns)
-
-    @property
-    def train(self):
-        return self._usable(False)
-
-    @property
-    def eval(self):
-        return self._usable(True)
-
-    def eval_records(self, n: int) -> list[dict]:
-        """The first ``n`` usable held-out records as text (instruction, input, output), in
-        the source's order: the same ones on every run of the same data and seed."""
-        return self._usable(True, EVAL_TEXT_COLUMNS).take(n) if n else []
-
-    def report(self) -> DataReport:
-        """One streaming pass that counts rows and skips; only small columns reach the driver.
-
-        In strict mode the first bad record raises DataError naming its source, row and
-        field; with no usable record at all it raises in any mode, with the counts.
-        """
-        report, lengths = DataReport(), []
-        columns = ["source", "row", "skip_reason", "skip_detail", "num_tokens", "is_eval"]
-        # closing: a strict-mode raise mid-way must stop the pipeline and free its actors now.
-        with contextlib.closing(iterate(self.records.select_columns(columns))) as batches:
-            for batch in batches:
-                report.total += len(batch["row"])
-                for source, row, reason, detail, num_tokens, is_eval in zip(*(batch[c] for c in columns)):
-                    if reason:
-                        report.skipped[reason] = report.skipped.get(reason, 0) + 1
-                        where = f"{source} row {row}: {detail}"
-                        report.first_skip.setdefault(reason, where)
-                        if self.config.strict:
-                            raise DataError(f"invalid record ({reason}) in {where}")
-                        continue
-                    lengths.append(num_tokens)
-                    report.eval_rows += bool(is_eval)
-                    report.train_rows += not is_eval
-        report.token_lengths = _length_stats(lengths)
-        logger.info("data %s: %s", self.config.source, report.summary())
-        for reason, where in sorted(report.first_skip.items()):
-            logger.info("first %s skip: %s", reason, where)
-        if report.train_rows == 0:
-            raise DataError(f"no usable training records in {self.config.source}: {report.summary()}" + _schema_hint(report))
-        return report
+def window_skips(tokenized: pa.Table) -> list[list]:
+    """A window's skipped records as ``[reason, count, "source row N: detail" of the
+    first]``, reasons in the order they first occur."""
+    skips: dict[str, list] = {}
+    columns = [tokenized[name].to_pylist() for name in ("skip_reason", "source", "row", "skip_detail")]
+    for reason, source, row, detail in zip(*columns):
+        if reason:
+            skips.setdefault(reason, [reason, 0, f"{source} row {row}: {detail}"])[1] += 1
+    return list(skips.values())
 
 
-def _length_stats(lengths: list[int]) -> dict[str, float]:
-    if not lengths:
+def length_stats(counts: dict[int, int]) -> dict[str, float]:
+    """min, median, p95 and max of token lengths given as {length: records}."""
+    if not counts:
         return {}
-    values = np.asarray(lengths)
-    return {
-        "min": float(values.min()),
-        "median": float(np.median(values)),
-        "p95": float(np.percentile(values, 95)),
-        "max": float(values.max()),
-    }
+    values = np.array(sorted(counts))
+    cumulative = np.cumsum([counts[v] for v in values])
+
+    def quantile(q: float) -> float:
+        return float(values[np.searchsorted(cumulative, q * (cumulative[-1] - 1), side="right")])
+
+    return {"min": float(values[0]), "median": quantile(0.5), "p95": quantile(0.95), "max": float(values[-1])}
 
 
-def _schema_hint(report: DataReport) -> str:
+def schema_hint(report: DataReport) -> str:
     if any(reason.startswith("missing_") for reason in report.skipped):
         return f"; check the column mapping (schemas: {sorted(SCHEMAS)} or instruction=A,input=B,output=C)"
     return ""

@@ -2,10 +2,11 @@
 
 The driver (``run``) settles the run (``settle``: every check and choice before anything
 is reserved), checks a rerun against the run's saved settings (``run_settings``),
-prepares the records with Ray Data (validation counts and strict errors come before any
-GPU is reserved), plans the step count and starts the trainer. Each worker
-(``train_loop_per_worker``) builds its engine with the model already partitioned,
-restores the latest checkpoint if there is one, trains its deterministic shard, and
+prepares the records once with Ray Data, or reuses what an earlier run prepared
+(``prepared``: validation counts and strict errors come before any GPU is reserved),
+plans the step count and starts the trainer. Each worker (``train_loop_per_worker``)
+builds its engine with the model already partitioned, restores the latest checkpoint
+if there is one, streams and trains its own row range of the prepared data, and
 reports metrics and checkpoints to Ray Train. Rerunning with the same storage path,
 name and settings resumes from the latest checkpoint.
 """
@@ -28,10 +29,10 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
-from dolly_ray import cli, cluster, prompts, storage
+from dolly_ray import cli, cluster, storage
 from dolly_ray.cli import ConfigError
 from dolly_ray.generate import scoring
-from dolly_ray.train import batching, data, labels, memory_plan, run_settings, settle
+from dolly_ray.train import batching, labels, memory_plan, prepared, run_settings, settle
 from dolly_ray.train import checkpoint as ckpt
 from dolly_ray.train.config import StepPlan, TrainConfig, plan_steps, stop_step
 from dolly_ray.train.engine import build_engine
@@ -44,22 +45,6 @@ ANSWER_BATCH_SIZE = 8
 STEP_SEED_STRIDE = 100_003
 # Least seconds between two progress lines on the console (every report is in the history).
 PROGRESS_INTERVAL_S = 30.0
-
-
-class DeterministicSplit(ray.train.DataConfig):
-    """A Ray Train DataConfig that gives each worker the same rows on every run.
-
-    Ray's default streaming split hands blocks to whichever worker asks first; exact
-    resume needs each worker's sequence to be reproducible, so the materialized
-    datasets are split by position instead.
-    """
-
-    def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
-        output = [{} for _ in range(world_size)]
-        for name, dataset in datasets.items():
-            for rank, shard in enumerate(dataset.split(world_size, equal=True)):
-                output[rank][name] = shard.iterator()
-        return output
 
 
 # --- the driver ----------------------------------------------------------------------
@@ -77,14 +62,15 @@ def run(config: TrainConfig) -> dict[str, Any]:
     settle.refuse_unfit(config, settled, memory)
     config = settled
     run_settings.check_rerun(config)
-    report, train_ds, eval_ds, answered = prepare_datasets(config)
-    plan = plan_steps(config, train_ds.count(), eval_ds.count())
+    data = prepare_data(config)
+    plan = plan_steps(config, data.rows("train"), data.rows("eval"))
     logger.info("plan: %s optimizer steps, %s micro-batches per epoch per worker", plan.total_steps, plan.micro_batches_per_epoch)
+    answered = data.heldout(config.eval_generate)
     if len(answered) < config.eval_generate:
         logger.warning("--eval-generate %d: only %d held-out records to answer", config.eval_generate, len(answered))
     with cluster.log_pending(f"training run {config.name!r}"):
-        result = make_trainer(config, plan, train_ds, eval_ds, answered).fit()
-    return run_summary(result, report, config)
+        result = make_trainer(config, plan, data, answered).fit()
+    return run_summary(result, data, config)
 
 
 def dry_run(config: TrainConfig, memory: memory_plan.MemoryPlan | None) -> dict[str, Any]:
@@ -95,35 +81,26 @@ def dry_run(config: TrainConfig, memory: memory_plan.MemoryPlan | None) -> dict[
     if storage.is_hub_id(config.dataset):
         logger.info("dry run: hub dataset %s not read; pass a local or remote copy for its token count", config.dataset)
     else:
-        _, train_ds, _, _ = prepare_datasets(config)
-        memory = memory.with_epoch_tokens(int(train_ds.sum("num_tokens")))
+        memory = memory.with_epoch_tokens(prepare_data(config).tokens("train"))
     return {"dry_run": True, **memory.as_dict()}
 
 
-def prepare_datasets(config: TrainConfig) -> tuple[data.DataReport, Any, Any, list[dict]]:
-    """The data report, the materialized train and eval rows as workers will batch them,
-    and the held-out records ``--eval-generate`` answers.
-
-    Packing (for ``batching=pack``) happens here, so the plan counts the rows workers get.
-    """
-    # A fixed row order, so DeterministicSplit gives each worker the same rows on every run.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    prepared = data.PreparedData(config.data_config, config.model, trust_remote_code=config.trust_remote_code)
-    report = prepared.materialize().report()  # one pass feeds the counts, train and eval
-    tokenizer = prompts.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    response_id = tokenizer.convert_tokens_to_ids(prompts.RESPONSE_KEY)
-    train_ds, eval_ds = (
-        batching.prepare(rows, config.batching, config.max_length, response_id, config.seed).materialize()
-        for rows in (prepared.train, prepared.eval)
-    )
-    return report, train_ds, eval_ds, prepared.eval_records(config.eval_generate)
+def prepare_data(config: TrainConfig) -> prepared.Prepared:
+    """The training and eval rows as workers will batch them (packed for ``--batching
+    pack``, so the plan counts the rows workers get): prepared once under the storage
+    path, reused by every later run of the same data and settings."""
+    return prepared.prepare(config.data_config, config.model, config.storage_path, trust_remote_code=config.trust_remote_code)
 
 
-def make_trainer(config: TrainConfig, plan: StepPlan, train_ds, eval_ds, answered: list[dict]) -> TorchTrainer:
-    """``answered``: the held-out records each evaluation answers (``--eval-generate``)."""
+def make_trainer(config: TrainConfig, plan: StepPlan, data: prepared.Prepared, answered: list[dict]) -> TorchTrainer:
+    """``answered``: the held-out records each evaluation answers (``--eval-generate``).
+    Workers read their rows from the prepared parts themselves (``prepared.WorkerRows``):
+    an exact, equal row range per rank, which exact resume needs and Ray Train's
+    first-come streaming split does not give."""
+    loop_config = {"config": dataclasses.asdict(config), "plan": dataclasses.asdict(plan), "answered": answered, "data": data.for_workers()}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": dataclasses.asdict(config), "plan": dataclasses.asdict(plan), "answered": answered},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
@@ -138,12 +115,10 @@ def make_trainer(config: TrainConfig, plan: StepPlan, train_ds, eval_ds, answere
             # Ray Train's own INFO lines (each report, twice) stay in its log files.
             logging_config=ray.train.LoggingConfig(log_level="INFO" if config.verbose else "WARNING"),
         ),
-        datasets={"train": train_ds, "eval": eval_ds},
-        dataset_config=DeterministicSplit(),
     )
 
 
-def run_summary(result: ray.train.Result, report: data.DataReport, config: TrainConfig) -> dict[str, Any]:
+def run_summary(result: ray.train.Result, data: prepared.Prepared, config: TrainConfig) -> dict[str, Any]:
     """What the run produced and where, each location as another job takes it (a URI
     when it lives in object storage), and its final figures."""
     metrics = result.metrics or {}
@@ -167,9 +142,10 @@ def run_summary(result: ray.train.Result, report: data.DataReport, config: Train
         "tokens_per_s": metrics.get("tokens_per_s"),
         "checkpoint_save_s": metrics.get("checkpoint_save_s"),
         "checkpoint_upload_s": metrics.get("checkpoint_upload_s"),
-        "train_records": report.train_rows,
-        "eval_records": report.eval_rows,
-        "skipped_records": report.skipped,
+        "train_records": data.report.train_rows,
+        "eval_records": data.report.eval_rows,
+        "skipped_records": data.report.skipped,
+        "prepared_data": data.summary(),
         "worker_nodes": metrics.get("worker_nodes"),
         "param_partition_fractions": metrics.get("param_partition_fractions"),
         "samples": metrics.get("samples", []),
@@ -185,16 +161,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     config, plan, answered = TrainConfig(**loop_config["config"]), StepPlan(**loop_config["plan"]), loop_config["answered"]
     _log_to_job(config.verbose)
     context = ray.train.get_context()
-    engine, tokenizer, preset = build_engine(config, plan, context.get_world_size())
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    train_rows, eval_rows = (prepared.WorkerRows(loop_config["data"], split, rank, world_size) for split in ("train", "eval"))
+    engine, tokenizer, preset = build_engine(config, plan, world_size)
     progress = restore(engine)
-    rank_0 = context.get_world_rank() == 0
+    rank_0 = rank == 0
     tensorboard = TensorBoard(storage.join(config.tensorboard_dir, config.name)) if config.tensorboard_dir and rank_0 else None
     stop = stop_step(config, plan)
     console = ProgressLine(engine.global_steps, stop) if rank_0 else None
     window = Window()
     while engine.global_steps < stop:
         epoch, done_in_epoch = divmod(progress.micro_batches_done, plan.micro_batches_per_epoch)
-        for step_batches in optimizer_steps(config, plan, epoch, done_in_epoch, tokenizer.pad_token_id):
+        for step_batches in optimizer_steps(config, plan, train_rows, epoch, done_in_epoch, tokenizer.pad_token_id):
             # Dropout (LoRA's) draws from the step's own seed, so a resumed run draws the same masks.
             torch.manual_seed(config.seed + STEP_SEED_STRIDE * engine.global_steps + engine.global_rank)
             train_step(engine, step_batches, window)
@@ -206,7 +184,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue
             metrics = window.metrics(engine, epoch=progress.micro_batches_done / plan.micro_batches_per_epoch)
             if evaluating:
-                metrics["eval_loss"] = evaluate(engine, config, plan, tokenizer.pad_token_id)
+                metrics["eval_loss"] = evaluate(engine, config, plan, eval_rows, tokenizer.pad_token_id)
                 metrics.update(score_answers(engine, tokenizer, answered, config.eval_generate_max_new_tokens))
             if final:
                 metrics.update(final_metrics(engine, config, plan, tokenizer, preset))
@@ -340,33 +318,27 @@ class TensorBoard:
             shutil.rmtree(self.local, ignore_errors=True)
 
 
-def micro_batches(config: TrainConfig, name: str, pad_token_id: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-    """This worker's micro-batches of its ``name`` shard; training data is reshuffled each epoch."""
+def micro_batches(config: TrainConfig, rows: prepared.WorkerRows, pad_token_id: int, *, seed: int | None = None, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's micro-batches of its ``rows``, shuffled by ``seed`` (training), from micro-batch ``skip`` on."""
     return batching.micro_batches(
-        ray.train.get_dataset_shard(name),
-        config.batching,
-        micro_batch_size=config.micro_batch_size,
-        pad_token_id=pad_token_id,
-        shuffle_rows=config.shuffle_buffer_rows,
-        seed=config.seed + epoch if name == "train" else None,
+        rows, config.batching, micro_batch_size=config.micro_batch_size, pad_token_id=pad_token_id, window_rows=config.shuffle_buffer_rows, seed=seed, skip=skip
     )
 
 
-def optimizer_steps(config: TrainConfig, plan: StepPlan, epoch: int, done_in_epoch: int, pad_token_id: int) -> Iterator[list[dict]]:
+def optimizer_steps(config: TrainConfig, plan: StepPlan, rows: prepared.WorkerRows, epoch: int, done_in_epoch: int, pad_token_id: int) -> Iterator[list[dict]]:
     """The micro-batches of each optimizer step left in ``epoch``, from micro-batch
-    ``done_in_epoch`` on (trained before a restore point, which is always a step boundary)."""
-    step_batches, position = [], -1
-    for position, batch in enumerate(micro_batches(config, "train", pad_token_id, epoch)):
-        if position >= done_in_epoch:
-            step_batches.append(batch)
+    ``done_in_epoch`` on (trained before a restore point, which is always a step
+    boundary). Training data is reshuffled each epoch."""
+    step_batches, position = [], done_in_epoch
+    for batch in micro_batches(config, rows, pad_token_id, seed=config.seed + epoch, skip=done_in_epoch):
+        step_batches.append(batch)
+        position += 1
         if len(step_batches) == config.gradient_accumulation_steps:
             yield step_batches
             step_batches = []
-        if position + 1 == plan.micro_batches_per_epoch:
+        if position == plan.micro_batches_per_epoch:
             return
-    raise RuntimeError(
-        f"rank {dist.get_rank()}: epoch {epoch} ended after {position + 1} micro-batches, planned {plan.micro_batches_per_epoch}"
-    )
+    raise RuntimeError(f"rank {dist.get_rank()}: epoch {epoch} ended after {position} micro-batches, planned {plan.micro_batches_per_epoch}")
 
 
 @dataclass
@@ -411,13 +383,13 @@ def train_step(engine, step_batches: list[dict], window: Window) -> None:
 
 
 @torch.no_grad()
-def evaluate(engine, config: TrainConfig, plan: StepPlan, pad_token_id: int) -> float | None:
+def evaluate(engine, config: TrainConfig, plan: StepPlan, rows: prepared.WorkerRows, pad_token_id: int) -> float | None:
     """Token-weighted mean loss over every worker's eval shard."""
     if plan.eval_batches == 0:
         return None
     engine.eval()
     loss_sum = tokens = 0.0
-    for i, batch in enumerate(micro_batches(config, "eval", pad_token_id, epoch=0)):
+    for i, batch in enumerate(micro_batches(config, rows, pad_token_id)):
         if i == plan.eval_batches:
             break
         batch.pop(batching.NUM_TOKENS)
