@@ -36,7 +36,7 @@ import time
 import torch
 
 from dolly_ray import prompts, testing
-from dolly_ray.batch import generation
+from dolly_ray.batch import generation, output
 from dolly_ray.batch.config import BatchConfig
 from dolly_ray.generate.continuous_batching import ContinuousBatcher, Unsupported
 from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
@@ -73,7 +73,7 @@ def batch_job(tmp: str, model_dir: str, source: str, args: argparse.Namespace, *
         BatchConfig(
             model=model_dir,
             input=source,
-            output=os.path.join(tmp, f"responses-{engine}.jsonl"),
+            output=os.path.join(tmp, f"responses-{engine}"),
             engine=engine,
             num_actors=num_actors,
             num_cpus_per_actor=1 / num_actors,  # the actors on one CPU, leaving the other for the read task
@@ -84,8 +84,7 @@ def batch_job(tmp: str, model_dir: str, source: str, args: argparse.Namespace, *
             greedy=True,
         )
     )
-    with open(summary["output"]) as f:
-        return summary, [json.loads(line)["response"] for line in f]
+    return summary, [row["response"] for row in output.read_rows(summary["output"])]
 
 
 def best_of(repeats: int, fn):

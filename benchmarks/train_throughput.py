@@ -29,16 +29,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from dolly_ray import prompts, testing
 from dolly_ray.records import sources
-from dolly_ray.train import batching, data, memory_plan
+from dolly_ray.train import batching, data, labels, memory_plan
 from dolly_ray.train.config import StepPlan, TrainConfig
 from dolly_ray.train.engine import build_engine
 
@@ -74,16 +76,21 @@ def epoch_of_micro_batches(strategy: str, records: dict, *, micro_batch_size: in
     order = rng.permutation(len(records["num_tokens"]))
     shuffled = {name: values[order] for name, values in records.items()}
     if strategy == "pack":
-        packed = batching.pack_batch(shuffled, max_length=max_length, response_id=tokenizer.convert_tokens_to_ids(prompts.RESPONSE_KEY))
-        rows = {name: _objects([np.asarray(v) for v in packed[name].to_pylist()]) for name in ("input_ids", "labels", "lengths")}
-        rows["num_tokens"] = packed["num_tokens"].to_numpy()
+        records_table = pa.table(
+            {
+                "input_ids": pa.array(list(shuffled["input_ids"]), pa.list_(pa.int32())),
+                "loss_mask": pa.array([row != labels.IGNORE_INDEX for row in shuffled["labels"]], pa.list_(pa.bool_())),
+                "num_tokens": pa.array(shuffled["num_tokens"], pa.int32()),
+            }
+        )
+        rows = batching.numpy_rows(batching.pack(records_table, max_length))
         collate = batching.PackedRowsCollator(tokenizer.pad_token_id)
-        perm = rng.permutation(packed.num_rows)
+        perm = rng.permutation(len(rows["num_tokens"]))
         groups = [perm[i : i + pack_rows] for i in range(0, len(perm), pack_rows)]
         return [(collate({name: values[g] for name, values in rows.items()}), [int(n) for row in rows["lengths"][g] for n in row]) for g in groups]
     collate = batching.PaddedRecordsCollator(tokenizer.pad_token_id)
     if strategy == "group":
-        window = micro_batch_size * batching.GROUP_WINDOW_BATCHES
+        window = math.ceil(TrainConfig(preset="cpu").shuffle_buffer_rows / micro_batch_size) * micro_batch_size  # a worker's window
         groups = [start + g for start in range(0, len(order), window) for g in batching.length_groups(shuffled["num_tokens"][start : start + window], micro_batch_size, rng)]
     else:
         groups = [np.arange(i, min(i + micro_batch_size, len(order))) for i in range(0, len(order), micro_batch_size)]

@@ -89,6 +89,13 @@ def read_text(location: str) -> str:
         return stream.read().decode()
 
 
+def input_filesystem(path: str):
+    """``(pyarrow filesystem, path inside it)`` for a file about to be read."""
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(absolute(path))
+
+
 def output_filesystem(path: str):
     """``(pyarrow filesystem, path inside it)`` for a file about to be written, its parent
     directory created."""
@@ -138,10 +145,11 @@ def local_model_dir(name_or_path: str, *, weights: bool = True) -> str:
     return target
 
 
-def fingerprint(location: str) -> str:
+def fingerprint(location: str, *, contents: bool = True) -> str:
     """What identifies the data at ``location`` (a file or a directory): for local files
-    their names, sizes and a hash of their bytes; in object storage their names, sizes
-    and modification times, as its listing gives them; a hub id stands for itself (its
+    their names, sizes and a hash of their bytes; in object storage (and locally with
+    ``contents=False``, for a model's gigabytes of weights) their names, sizes and
+    modification times, as a listing gives them; a hub id stands for itself (its
     revision cannot be asked for offline)."""
     if is_hub_id(location):
         return f"hub:{location}"
@@ -153,7 +161,7 @@ def fingerprint(location: str) -> str:
     digest = hashlib.sha256()
     for file in sorted((f for f in files if f.type == fs.FileType.File), key=lambda f: f.path):
         digest.update(f"{os.path.relpath(file.path, root)}\0{file.size}\0".encode())
-        if is_uri(location):
+        if is_uri(location) or not contents:
             digest.update(str(file.mtime_ns).encode())
             continue
         with filesystem.open_input_stream(file.path) as stream:

@@ -1,9 +1,11 @@
 """Generate a response for every row of a dataset with Ray Data (see dolly_ray/batch/generation.py).
 
-    python jobs/batch_generate.py --model runs/gptj/model --input prompts.jsonl --output responses.jsonl
+    python jobs/batch_generate.py --model runs/gptj/model --input prompts.jsonl --output responses/
     ray job submit -- python jobs/batch_generate.py --model ... --num-actors 8 --num-gpus-per-actor 1
 
-The last line printed is a JSON summary of the run.
+The output is a directory of part files in input order. A job that dies is rerun with
+the same command: it keeps the rows already written and answers only the others. The
+last line printed is a JSON summary of the run.
 """
 
 from __future__ import annotations

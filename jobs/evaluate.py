@@ -4,7 +4,8 @@
     ray job submit -- python jobs/evaluate.py --model s3://bucket/run/hf --dataset s3://bucket/eval.parquet --num-actors 4
 
 Prints exact match, ROUGE-L and the share of answers that stopped at ### End, per task
-and overall; the last line printed is the JSON summary.
+and overall; the last line printed is the JSON summary. With --answers DIR, a job that
+dies is rerun with the same command and answers only the records not yet written.
 """
 
 from __future__ import annotations

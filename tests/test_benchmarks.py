@@ -14,7 +14,7 @@ SCRIPTS = sorted(path.name for path in (ROOT / "benchmarks").glob("*.py"))
 
 
 def test_every_benchmark_script_is_smoke_tested():
-    assert SCRIPTS == ["checkpoint_upload.py", "generation_throughput.py", "serve_load.py", "train_throughput.py"]
+    assert SCRIPTS == ["checkpoint_upload.py", "data_scale.py", "generation_throughput.py", "serve_load.py", "train_throughput.py"]
 
 
 @pytest.mark.slow

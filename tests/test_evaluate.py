@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dolly_ray import testing
-from dolly_ray.batch import evaluate
+from dolly_ray.batch import evaluate, output
 from dolly_ray.generate import scoring
 from dolly_ray.generate.generator import GenerationParams
 from dolly_ray.records import tasks
@@ -66,12 +66,11 @@ def test_evaluation_scores_every_task_and_counts_what_it_cannot_score(ray_local,
     bad = [{"input": "no instruction", "output": "x", "task": "reverse_word"}, {"instruction": "Say hi.", "task": "x"}, {"instruction": "Say hi.", "output": 7}]
     dataset = tmp_path / "eval.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in records[:5] + bad + records[5:]))
-    answers_file = tmp_path / "answers.jsonl"
-    summary = evaluate.run(
-        evaluate.EvalConfig(
-            model=tiny_model_dir, dataset=str(dataset), answers=str(answers_file), max_new_tokens=GREEDY.max_new_tokens, batch_size=4, num_actors=1, num_cpus_per_actor=1
-        )
+    answers_dir = tmp_path / "answers"
+    config = evaluate.EvalConfig(
+        model=tiny_model_dir, dataset=str(dataset), answers=str(answers_dir), max_new_tokens=GREEDY.max_new_tokens, batch_size=4, num_actors=1, num_cpus_per_actor=1, rows_per_part=4
     )
+    summary = evaluate.run(config)
     scored = [scoring.score(a.response, r["output"], a.finish_reason) for r, a in zip(records, answers, strict=True)]
     by_task: dict[str, list] = {}
     for record, s in zip(records, scored, strict=True):
@@ -85,10 +84,24 @@ def test_evaluation_scores_every_task_and_counts_what_it_cannot_score(ray_local,
         assert {k: figures[k] for k in scoring.FIGURES} == pytest.approx(scoring.means(group), abs=1e-4)
     assert {k: summary[k] for k in scoring.FIGURES} == pytest.approx(scoring.means(scored), abs=1e-4)
     assert 0 < summary["exact_match"] < 1 and 0 < summary["rouge_l"] < 1  # the figures are not trivially 0 or 1
-    rows = [json.loads(line) for line in answers_file.read_text().splitlines()]
+    rows = list(output.read_rows(str(answers_dir)))
     assert len(rows) == 15 and [r.get("output") for r in rows[:5]] == [r["output"] for r in records[:5]]
     assert [r["exact_match"] for r in rows if not r["eval_skip"]] == [s.exact_match for s in scored]
     assert [r["eval_skip"] for r in rows[5:8]] == ["missing_instruction", "missing_reference", "non_string_reference"]
+
+    # What a job killed while writing its third part of four leaves: two parts committed,
+    # the third half written. The rerun answers the 7 records after them, and its figures
+    # are the whole dataset's.
+    (answers_dir / "_SUCCESS").unlink()
+    for number in (2, 3):
+        (answers_dir / "_progress" / f"part-00000{number}.json").unlink()
+    (answers_dir / "part-000003.jsonl").unlink()
+    (answers_dir / "part-000002.jsonl").write_text((answers_dir / "part-000002.jsonl").read_text()[:50])
+    resumed = evaluate.run(config)
+    assert (resumed["rows_reused"], resumed["rows_generated"]) == (8, 7)
+    same = [k for k in summary if not k.startswith(("rows_", "seconds"))]
+    assert {k: resumed[k] for k in same} == {k: summary[k] for k in same}  # figures rounded to 4 places
+    assert list(output.read_rows(str(answers_dir))) == rows
 
 
 @pytest.mark.slow

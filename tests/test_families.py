@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from dolly_ray import prompts, testing
-from dolly_ray.batch import generation
+from dolly_ray.batch import generation, output
 from dolly_ray.batch.config import BatchConfig
 from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
 from dolly_ray.records import tasks
@@ -147,14 +147,13 @@ def test_batch_generation_answers_every_row(trained, reloaded, tmp_path):
     source = tmp_path / "in.jsonl"
     rows = [{"instruction": instruction, "input": input or "", "id": i} for i, (instruction, input) in enumerate(INSTRUCTIONS)]
     source.write_text("".join(json.dumps(row) + "\n" for row in rows[:2]) + '{"input": "no instruction"}\n' + json.dumps(rows[2]) + "\n")
-    output = tmp_path / "out.jsonl"
     summary = generation.run(
         BatchConfig(
-            model=trained.runs["pack"]["hf_model"], input=str(source), output=str(output), greedy=True,
+            model=trained.runs["pack"]["hf_model"], input=str(source), output=str(tmp_path / "answers"), greedy=True,
             max_new_tokens=GREEDY.max_new_tokens, batch_size=2, num_actors=1, num_cpus_per_actor=1,
         )
     )  # fmt: skip
-    out = [json.loads(line) for line in output.read_text().splitlines()]
+    out = list(output.read_rows(str(tmp_path / "answers")))
     assert summary["rows"] == len(out) == 4 and summary["errors"] == 1
     assert out[2]["error"].startswith("missing_instruction") and out[2]["response"] is None
     good = [row for row in out if row["error"] is None]

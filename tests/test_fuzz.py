@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dolly_ray import testing
-from dolly_ray.batch import generation
+from dolly_ray.batch import generation, output
 from dolly_ray.batch.config import BatchConfig
 from dolly_ray.records import fuzz, sources, tasks
 from dolly_ray.train import checkpoint, data, prepared, recipe
@@ -93,8 +93,7 @@ def test_batch_job_answers_or_flags_every_hostile_row(ray_local, tiny_model_dir,
         num_cpus_per_actor=0.5,
     )
     summary = generation.run(config)
-    with open(tmp_path / "out.jsonl", "rb") as f:
-        rows = [json.loads(line) for line in f]
+    rows = list(output.read_rows(str(tmp_path / "out.jsonl")))
     assert summary["rows"] == len(rows) == len(lines)
     assert summary["errors"] == sum(case.batch_error is not None for case in lines)
     for row, case in zip(rows, lines, strict=True):

@@ -23,9 +23,10 @@ import pytest
 import requests
 
 from dolly_ray import storage, testing
+from dolly_ray.batch.output import read_rows
 from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
 from dolly_ray.records import tasks
-from dolly_ray.train import checkpoint
+from dolly_ray.train import checkpoint, prepared
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
@@ -175,6 +176,9 @@ def test_a_lost_node_costs_only_time_and_a_stopped_run_resumes_from_the_bucket(c
     same order, so every step must match the clean run."""
     stopped = _train(cluster, "train-stop", "lossy", "--stop-after-steps", "4", data="train.parquet")
     assert stopped["steps"] == 4 and stopped["finished"] is False
+    prepared_at = f"s3://{BUCKET}/dolly/{prepared.PREPARED_DIR}/{stopped['prepared_data']['key']}"
+    assert stopped["prepared_data"]["location"] == prepared_at and stopped["prepared_data"]["reused"] is False
+    assert any(key.startswith(prepared_at.removeprefix(f"s3://{BUCKET}/") + "/parts/") for key in s3.keys(BUCKET))
 
     head, node2 = cluster.nodes[:2]
     killer = NodeKiller(cluster, s3, "lossy", node2, at_step=6)
@@ -187,6 +191,8 @@ def test_a_lost_node_costs_only_time_and_a_stopped_run_resumes_from_the_bucket(c
         killer.join()
     assert killer.error is None and killer.replacement is not None, killer.error
     assert resumed["finished"] is True and resumed["steps"] == STEPS
+    # Every attempt, the one that replaced the lost node's worker too, read the rows prepared in the bucket.
+    assert resumed["prepared_data"]["reused"] is True and resumed["prepared_data"]["location"] == prepared_at
     assert sorted(resumed["worker_nodes"]) == sorted([head.node_id, killer.replacement.node_id])
 
     clean_history, history = checkpoint.read_history(clean_run["checkpoint"]), checkpoint.read_history(resumed["checkpoint"])
@@ -203,7 +209,7 @@ def test_a_lost_node_costs_only_time_and_a_stopped_run_resumes_from_the_bucket(c
 
 def test_the_reported_model_feeds_batch_generation_and_serve_unedited(cluster, s3, clean_run):
     hf_model = clean_run["hf_model"]
-    output = f"s3://{BUCKET}/out/answers.jsonl"
+    output = f"s3://{BUCKET}/out/answers"
     result = cluster.submit(
         "batch",
         "python", "jobs/batch_generate.py", "--model", hf_model, "--input", f"s3://{BUCKET}/data/questions.parquet",
@@ -217,7 +223,7 @@ def test_the_reported_model_feeds_batch_generation_and_serve_unedited(cluster, s
     generator = InstructionGenerator.from_pretrained(hf_model, device="cpu")  # plain transformers, from the bucket
     prompts = [(q["instruction"], q["input"] or None) for q in s3.questions]
     expected = [r.response for r in generator.generate(prompts, GenerationParams(greedy=True, max_new_tokens=8))]
-    rows = [json.loads(line) for line in storage.read_text(output).splitlines()]
+    rows = list(read_rows(output))
     assert [row["id"] for row in rows] == [q["id"] for q in s3.questions]
     assert [row["response"] for row in rows] == expected
 

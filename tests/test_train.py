@@ -139,6 +139,10 @@ def test_resume_continues_exactly_where_it_stopped(reference_run):
         stopped = recipe.run(reference_run.config("interrupted", stop_after_steps=5))
     assert stopped["steps"] == 5 and stopped["finished"] is False
     resumed = recipe.run(reference_run.config("interrupted"))
+    # Both took the rows the uninterrupted run prepared: no second read or tokenization pass.
+    assert full["prepared_data"]["reused"] is False
+    for run in (stopped, resumed):
+        assert run["prepared_data"]["reused"] is True and run["prepared_data"]["key"] == full["prepared_data"]["key"]
     assert resumed["finished"] is True and resumed["steps"] == full["steps"] == 20  # 10 per epoch
     assert resumed["epoch"] == 2  # resumed in the first epoch, went on through the second
 

@@ -16,6 +16,7 @@ import requests
 pytest.importorskip("vllm")
 
 from dolly_ray import prompts, testing
+from dolly_ray.batch import output as batch_output
 from dolly_ray.generate import scoring
 from dolly_ray.generate.generator import GenerationParams, InstructionGenerator
 from dolly_ray.serve.config import default_model_name
@@ -61,7 +62,7 @@ def test_the_vllm_batch_job_answers_as_the_hf_engine_with_one_row_per_input_row(
     rows = [{"instruction": r["instruction"], "input": r["input"], "id": i} for i, r in enumerate(heldout)]
     for at, bad in sorted(BAD_ROWS.items()):
         rows.insert(at, {**bad, "id": f"bad-{at}"})
-    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source, output = tmp_path / "in.jsonl", tmp_path / "answers"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     command = [sys.executable, "jobs/batch_generate.py", "--engine", "vllm", "--model", summary["hf_model"], "--input", str(source), "--output", str(output), "--greedy", "--max-new-tokens", str(TOKENS)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT, env=_env())
@@ -69,7 +70,7 @@ def test_the_vllm_batch_job_answers_as_the_hf_engine_with_one_row_per_input_row(
     job = json.loads(done.stdout.splitlines()[-1])
     assert (job["rows"], job["errors"]) == (len(rows), len(BAD_ROWS))
 
-    written = [json.loads(line) for line in output.read_text().splitlines()]
+    written = list(batch_output.read_rows(str(output)))
     assert [w["id"] for w in written] == [r["id"] for r in rows]  # one row per input row, in order
     good = [w for w in written if not str(w["id"]).startswith("bad")]
     for w, expected in zip(good, hf_answers, strict=True):

@@ -9,6 +9,8 @@ import pyarrow as pa
 
 from dolly_ray.cli import option
 
+# The error of a row whose generation raised (either engine); the job goes on with the others.
+GENERATION_FAILED = "generation_failed"
 # What each output row gains; an input column with one of these names is kept as original_<name>.
 RESULT_SCHEMA = pa.schema(
     [
@@ -28,10 +30,12 @@ class BatchConfig:
 
     model: str = option(dataclasses.MISSING, "checkpoint directory (local or s3://...) or Hugging Face model id")
     input: str = option(dataclasses.MISSING, "JSON/JSONL/Parquet file or directory, a datasets dir, or a hub dataset id")
-    output: str = option(dataclasses.MISSING, "output file, local or remote; .jsonl or .parquet picks the format")
+    output: str = option(dataclasses.MISSING, "output directory, local or remote, of part files in input order; a rerun resumes it (keep it until the job is done); a .parquet name picks Parquet")
     columns: str = option("alpaca", "schema name (alpaca, dolly) or instruction=A,input=B (an output= part is ignored)")
     split: str = option("train", "split of a Hugging Face dataset")
-    output_format: str | None = option(None, "jsonl or parquet, overriding the output's extension")
+    output_format: str | None = option(None, "jsonl or parquet, overriding the output's suffix (none: jsonl)")
+    restart: bool = option(False, "delete what an earlier run of this job wrote to --output and answer every row afresh (without it a rerun resumes, and refuses other settings)")
+    rows_per_part: int = option(10_000, "rows per output part file; a job that dies answers again at most the part it was writing (a part also ends after 10 minutes)")
     engine: str = option("auto", "hf (transformers), vllm (vLLM through ray.data.llm) or auto: vllm where vLLM is installed and actors get GPUs")
     num_actors: int = option(1, "generation actors (vllm: engines), each holding one model")
     num_gpus_per_actor: float | None = option(None, "GPUs per actor (default: 1 when the cluster has GPUs, else 0)")

@@ -4,7 +4,9 @@ The batch-generation pipeline answers every record greedily (Ray Data actors, ei
 engine); in the same pipeline each answer is scored against its record's output
 (``scoring``: exact match, ROUGE-L, stopped at ``### End``), and the driver sums the
 figures per task as the scored rows stream in. A record the batch job cannot prompt, or one without a
-text reference, is counted by reason and not scored.
+text reference, is counted by reason and not scored. With ``--answers`` the scored rows
+are kept as a batch output, which a rerun resumes: the sums of the rows already there
+come from its parts' records, and only the other records are answered.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from dolly_ray import cluster, storage
-from dolly_ray.batch import generation
+from dolly_ray.batch import generation, output
 from dolly_ray.batch.config import RESULT_SCHEMA, BatchConfig
 from dolly_ray.cli import ConfigError, option
 from dolly_ray.generate import scoring
@@ -34,7 +36,9 @@ class EvalConfig:
     columns: str = option("alpaca", "schema name (alpaca, dolly) or instruction=A,input=B,output=C (output: the reference)")
     split: str = option("train", "split of a Hugging Face dataset")
     task_column: str = option("task", "column naming each record's task, for figures per task (records without it count under '(none)')")
-    answers: str | None = option(None, "also keep every answer beside its record in this .jsonl or .parquet file (local or remote)")
+    answers: str | None = option(None, "also keep every answer beside its record in this output directory (local or remote; a .parquet name: Parquet parts), which a rerun resumes")
+    restart: bool = option(False, "delete what an earlier run wrote to --answers and answer every record afresh (without it a rerun resumes, and refuses other settings)")
+    rows_per_part: int = option(10_000, "records per --answers part file; a job that dies answers again at most the part it was writing")
     engine: str = option("auto", "hf (transformers), vllm (vLLM through ray.data.llm) or auto: vllm where vLLM is installed and actors get GPUs")
     num_actors: int = option(1, "generation actors, each holding one model")
     num_gpus_per_actor: float | None = option(None, "GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
@@ -64,6 +68,8 @@ class EvalConfig:
             greedy=True,
             trust_remote_code=self.trust_remote_code,
             allow_pickle=self.allow_pickle,
+            restart=self.restart,
+            rows_per_part=self.rows_per_part,
         )
 
 
@@ -77,65 +83,77 @@ def run(config: EvalConfig) -> dict[str, Any]:
     """Answer, score and average; the summary is the job's last output line."""
     if storage.missing_local(config.dataset):
         raise ConfigError(f"dataset not found: {config.dataset}")
-    reference = sources.parse_columns(config.columns).output
-    start = time.perf_counter()
     batch_config = config.batch_config()
-    with generation.answered(batch_config) as answers, cluster.log_pending("evaluation"):
-        scored = answers.map_batches(_score_batch, fn_kwargs={"reference": reference, "task_column": config.task_column}, batch_format="pyarrow")
-        if config.answers:
-            scored = scored.materialize()  # written, then summed: one generation pass
-            results = pa.unify_schemas([RESULT_SCHEMA, SCORE_SCHEMA])
-            generation.write(scored, config.answers, generation.output_format(batch_config), results)
-        totals = Totals()
-        columns = [*SCORE_SCHEMA.names, "num_generated_tokens"]
-        for batch in sources.iterate(scored.select_columns(columns), batch_size=None, batch_format="pyarrow"):
-            totals.add(*(batch[name].to_pylist() for name in columns))
+    columns = generation.check(batch_config)
+    answers = None
+    if config.answers:
+        settings = {**generation.defining(batch_config), "job": "evaluate", "columns": config.columns, "task_column": config.task_column}
+        answers = generation.prepare_output(batch_config, pa.unify_schemas([RESULT_SCHEMA, SCORE_SCHEMA]), settings)
+    start = time.perf_counter()
+    totals = answers.figures() if answers and answers.complete else _answer_and_score(config, batch_config, columns, answers)
+    generated = (answers.figures(new_only=True) if answers else totals).get("records", 0)
     return {
         "model": config.model,
         "dataset": config.dataset,
-        **totals.summary(),
+        **summary(totals),
+        "rows_reused": totals.get("records", 0) - generated,
+        "rows_generated": generated,
         "answers": config.answers,
         "seconds": round(time.perf_counter() - start, 3),
     }
 
 
-class Totals:
-    """Sums of the figures per task, and the rows not scored by reason (small: a few
-    numbers per task, summed on the driver as the scored rows stream in)."""
+def _answer_and_score(config: EvalConfig, batch_config: BatchConfig, columns: sources.Columns, answers: output.Output | None) -> dict:
+    """The summed figures of every record: the records ``answers`` does not hold yet are
+    answered, scored and written there (the others' sums come from its parts), or, with
+    no ``answers``, scored and summed as they stream in."""
+    reference = sources.parse_columns(config.columns).output
+    with generation.answered(batch_config, columns, answers.done if answers else {}) as answered, cluster.log_pending("evaluation"):
+        scored = answered.map_batches(_score_batch, fn_kwargs={"reference": reference, "task_column": config.task_column}, batch_format="pyarrow")
+        if answers:
+            answers.write(scored, figures)
+            return answers.figures()
+        totals: dict = {}
+        names = [*SCORE_SCHEMA.names, "num_generated_tokens"]
+        for batch in sources.iterate(scored.select_columns(names), batch_size=None, batch_format="pyarrow"):
+            totals = output.add_up(totals, figures(batch, 0))
+        return totals
 
-    def __init__(self):
-        self.records = self.generated_tokens = 0
-        self.skipped: dict[str, int] = {}
-        self.tasks: dict[str, dict[str, float]] = {}
 
-    def add(self, tasks, skips, *figures_and_tokens) -> None:
-        *figures, tokens = figures_and_tokens
-        for task, skip, values, generated in zip(tasks, skips, zip(*figures), tokens):
-            self.records += 1
-            self.generated_tokens += generated or 0
-            if skip:
-                self.skipped[skip] = self.skipped.get(skip, 0) + 1
-                continue
-            sums = self.tasks.setdefault(task, {"records": 0, **dict.fromkeys(scoring.FIGURES, 0.0)})
-            sums["records"] += 1
-            for name, value in zip(scoring.FIGURES, values):
-                sums[name] += value
+def figures(batch: pa.Table, first_row: int) -> dict[str, Any]:
+    """What a batch of scored rows adds to the sums: its records and generated tokens,
+    the rows not scored by reason, and the figures' sums per task (a few numbers per task,
+    so a part's record keeps them). ``first_row``, which ``Output.write`` passes, is not needed."""
+    sums: dict[str, Any] = {"records": batch.num_rows, "generated_tokens": sum(n or 0 for n in batch["num_generated_tokens"].to_pylist()), "skipped": {}, "tasks": {}}
+    values = zip(batch["eval_task"].to_pylist(), batch["eval_skip"].to_pylist(), *(batch[name].to_pylist() for name in scoring.FIGURES))
+    for task, skip, *scores in values:
+        if skip:
+            sums["skipped"][skip] = sums["skipped"].get(skip, 0) + 1
+            continue
+        task_sums = sums["tasks"].setdefault(task, {"records": 0, **dict.fromkeys(scoring.FIGURES, 0.0)})
+        task_sums["records"] += 1
+        for name, value in zip(scoring.FIGURES, scores):
+            task_sums[name] += value
+    return sums
 
-    def summary(self) -> dict[str, Any]:
-        scored = sum(sums["records"] for sums in self.tasks.values())
 
-        def means(sums: dict, count: int) -> dict[str, float]:
-            return {name: round(sums[name] / count, 4) if count else 0.0 for name in scoring.FIGURES}
+def summary(totals: dict) -> dict[str, Any]:
+    """The means overall and per task, from the sums (``figures``)."""
+    tasks = totals.get("tasks", {})
+    scored = sum(sums["records"] for sums in tasks.values())
 
-        overall = {name: sum(sums[name] for sums in self.tasks.values()) for name in scoring.FIGURES}
-        return {
-            "records": self.records,
-            "scored": scored,
-            "skipped": dict(sorted(self.skipped.items())),
-            **means(overall, scored),
-            "per_task": {task: {"records": sums["records"], **means(sums, sums["records"])} for task, sums in sorted(self.tasks.items())},
-            "generated_tokens": self.generated_tokens,
-        }
+    def means(sums: dict, count: int) -> dict[str, float]:
+        return {name: round(sums[name] / count, 4) if count else 0.0 for name in scoring.FIGURES}
+
+    overall = {name: sum(sums[name] for sums in tasks.values()) for name in scoring.FIGURES}
+    return {
+        "records": totals.get("records", 0),
+        "scored": scored,
+        "skipped": dict(sorted(totals.get("skipped", {}).items())),
+        **means(overall, scored),
+        "per_task": {task: {"records": sums["records"], **means(sums, sums["records"])} for task, sums in sorted(tasks.items())},
+        "generated_tokens": totals.get("generated_tokens", 0),
+    }
 
 
 def _score_batch(batch: pa.Table, *, reference: str, task_column: str) -> pa.Table:

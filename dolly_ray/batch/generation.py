@@ -1,47 +1,61 @@
 """Batch generation over a dataset with Ray Data: one InstructionGenerator per actor.
 
 read (JSON/JSONL/Parquet files or a Hugging Face dataset) -> validate each row ->
-``map_batches`` on an actor pool -> one JSONL or Parquet file written by the driver,
-in input order. Every input row becomes exactly one output row: a row that cannot be
-prompted gets an ``error`` and no response instead of failing the job.
+``map_batches`` on an actor pool -> parts of a JSONL or Parquet output directory written
+by the driver, in input order (``output``). Every input row becomes exactly one output
+row: a row that cannot be prompted, or whose generation fails, gets an ``error`` and no
+response instead of failing the job. A job that dies resumes: the rerun skips the rows
+its output already holds before they reach a model.
 
 Each row travels as its original record in JSON text (``__record``) beside the
-validated request, so a column of mixed types (a number where the other rows have
-text) never breaks Arrow's one-type-per-column rule inside the pipeline; the record is
-expanded back into columns only when written.
+validated request and its place in the input (``__source``, ``__row``), so a column of
+mixed types (a number where the other rows have text) never breaks Arrow's
+one-type-per-column rule inside the pipeline; the record is expanded back into columns
+only when written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
-import re
+import logging
 import time
-from pathlib import PurePosixPath
 from typing import Any, Iterator
 
 import pyarrow as pa
 
 from dolly_ray import cluster, storage
-from dolly_ray.batch import vllm_processor
-from dolly_ray.batch.config import RESULT_SCHEMA, BatchConfig
+from dolly_ray.batch import output, vllm_processor
+from dolly_ray.batch.config import GENERATION_FAILED, RESULT_SCHEMA, BatchConfig
 from dolly_ray.cli import ConfigError, check_at_least
 from dolly_ray.generate import vllm_engine
 from dolly_ray.records import sources
-from dolly_ray.records.sources import Columns, DataError
+from dolly_ray.records.sources import Columns
 
-OUTPUT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}  # .json gets JSON lines too
+logger = logging.getLogger(__name__)
+
 # Default rows per actor call, in generation batches: length sorting happens within a
 # call, so a few batches' worth lets it group similar lengths.
 SORT_WINDOW = 4
+# The flags that say how a job runs rather than what it answers: a rerun over the same
+# output may change them. The others, with the model's and the input's fingerprints, must match.
+MAY_CHANGE = frozenset(
+    {
+        "output", "restart", "rows_per_part", "engine", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor",
+        "batch_size", "max_batch_tokens", "rows_per_call", "trust_remote_code", "allow_pickle",
+    }
+)  # fmt: skip
+# What the summary counts over the output's rows.
+COUNTS = ("rows", "errors", "stopped", "truncated", "prompt_tokens", "generated_tokens")
 
 _REQUEST_SCHEMA = pa.schema(
-    [("__record", pa.string()), ("__instruction", pa.string()), ("__input", pa.string()), ("__error", pa.string())]
-)
-
-
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+    [
+        ("__record", pa.string()), ("__source", pa.string()), ("__row", pa.int64()),
+        ("__instruction", pa.string()), ("__input", pa.string()), ("__error", pa.string()),
+    ]
+)  # fmt: skip
 
 
 def input_columns(spec: str | Columns) -> Columns:
@@ -52,12 +66,17 @@ def input_columns(spec: str | Columns) -> Columns:
 # --- reading ----------------------------------------------------------------------
 
 
-def _requests(source: str, rows: list[int], records: list[Any], columns: Columns, fmt: str) -> pa.Table:
-    """The pipeline's rows for raw records: the record as JSON, its request, or why there is none.
+def _requests(source: str, rows: list[int], records: list[Any], columns: Columns, fmt: str, done: dict[str, int]) -> pa.Table:
+    """The pipeline's rows for raw records: the record as JSON, its place in the input,
+    its request or why there is none. Rows of ``source`` up to ``done[source]`` are
+    already in the output (a resumed job) and are dropped here, before any model.
 
     Parquet holds only valid UTF-8, so for Parquet output a record with a lone surrogate
-    in any field becomes an error row (see ``_ParquetWriter``); JSONL keeps it exactly.
+    in any field becomes an error row (see ``output._ParquetWriter``); JSONL keeps it exactly.
     """
+    if done.get(source):
+        kept = [i for i, row in enumerate(rows) if row > done[source]]
+        rows, records = [rows[i] for i in kept], [records[i] for i in kept]
     texts, instructions, inputs, errors = [], [], [], []
     for record in records:
         if isinstance(record, sources.Unparseable):
@@ -78,10 +97,8 @@ def _requests(source: str, rows: list[int], records: list[Any], columns: Columns
         instructions.append(None if error else checked["instruction"])
         inputs.append(None if error else checked["input"])
         errors.append(error)
-    return pa.Table.from_arrays(
-        [pa.array(texts), pa.array(instructions, pa.string()), pa.array(inputs, pa.string()), pa.array(errors, pa.string())],
-        schema=_REQUEST_SCHEMA,
-    )
+    arrays = [texts, [source] * len(rows), rows, instructions, inputs, errors]
+    return pa.Table.from_arrays([pa.array(values, field.type) for values, field in zip(arrays, _REQUEST_SCHEMA)], schema=_REQUEST_SCHEMA)
 
 
 def _field_with_lone_surrogate(record: dict) -> str | None:
@@ -95,21 +112,9 @@ def _field_with_lone_surrogate(record: dict) -> str | None:
     return None
 
 
-def _without_lone_surrogates(value: Any) -> Any:
-    """``value`` with every lone surrogate replaced by U+FFFD. After ``json.loads`` any
-    surrogate left in a string is lone: escaped pairs have become one character."""
-    if isinstance(value, str):
-        return _LONE_SURROGATE.sub("\ufffd", value)
-    if isinstance(value, list):
-        return [_without_lone_surrogates(v) for v in value]
-    if isinstance(value, dict):
-        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
-    return value
-
-
-def read_requests(source: str, columns: Columns, output_format: str, split: str = "train"):
-    """A Ray Dataset of the pipeline's rows, one per input record, in input order."""
-    return sources.read_raw(source, split, functools.partial(_requests, columns=columns, fmt=output_format))
+def read_requests(source: str, columns: Columns, output_format: str, split: str = "train", done: dict[str, int] | None = None):
+    """A Ray Dataset of the pipeline's rows, one per input record not ``done``, in input order."""
+    return sources.read_raw(source, split, functools.partial(_requests, columns=columns, fmt=output_format, done=done or {}))
 
 
 # --- generating -------------------------------------------------------------------
@@ -130,140 +135,52 @@ class Generate:
         errors = batch["__error"].to_pylist()
         good = [i for i, error in enumerate(errors) if error is None]
         instructions, inputs = batch["__instruction"].to_pylist(), batch["__input"].to_pylist()
-        results = self.generator.generate(
-            [(instructions[i], inputs[i]) for i in good],
-            self.params,
-            batch_size=self.config.batch_size,
-            max_batch_tokens=self.config.max_batch_tokens,
-        )
+        results = self._generate([(instructions[i], inputs[i]) for i in good])
         columns: dict[str, list] = {name: [None] * batch.num_rows for name in RESULT_SCHEMA.names}
         columns["error"] = errors
         for i, result in zip(good, results):
+            if isinstance(result, str):
+                errors[i] = result
+                continue
             columns["response"][i] = result.response
             columns["finish_reason"][i] = result.finish_reason
             columns["num_prompt_tokens"][i] = result.num_prompt_tokens
             columns["num_generated_tokens"][i] = result.num_generated_tokens
             columns["truncated"][i] = result.truncated
         out = pa.Table.from_pydict(columns, schema=RESULT_SCHEMA)
-        return out.add_column(0, "__record", batch["__record"])
+        for name in ("__row", "__source", "__record"):
+            out = out.add_column(0, name, batch[name])
+        return out
 
-
-# --- writing ----------------------------------------------------------------------
-
-
-def _as_text(values: list) -> pa.Array:
-    return pa.array([v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values], pa.string())
-
-
-def _infer_column(values: list) -> pa.Array:
-    """Arrow's own type when the values agree on one; else text (JSON for non-strings)."""
-    try:
-        array = pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return _as_text(values)
-    return _as_text(values) if pa.types.is_null(array.type) else array
-
-
-def _rows(batch: pa.Table, results: pa.Schema = RESULT_SCHEMA, valid_unicode: bool = False) -> tuple[list[str], list[dict]]:
-    """The original records of an output batch, with columns named like a result renamed
-    original_<name> (and, if ``valid_unicode``, lone surrogates replaced: such rows carry an error)."""
-    records = [json.loads(text) for text in batch["__record"].to_pylist()]
-    if valid_unicode:
-        records = [_without_lone_surrogates(record) for record in records]
-    names: dict[str, None] = {}
-    for record in records:
-        for name in list(record):
-            if name in results.names:
-                record[f"original_{name}"] = record.pop(name)
-        names.update(dict.fromkeys(record))
-    return list(names), records
-
-
-class _JsonlWriter:
-    def __init__(self, stream, results: pa.Schema):
-        self.stream, self.results = stream, results
-
-    def write(self, batch: pa.Table) -> None:
-        _, records = _rows(batch, self.results)
-        results = batch.select(self.results.names).to_pylist()
-        lines = (json.dumps({**record, **result}, ensure_ascii=False) + "\n" for record, result in zip(records, results))
-        # A lone surrogate can only sit inside a JSON string, where backslashreplace
-        # writes it back as the very "\udXXX" escape the input had.
-        self.stream.write("".join(lines).encode("utf-8", errors="backslashreplace"))
-
-    def close(self) -> None:
-        pass
-
-
-class _ParquetWriter:
-    """One Parquet file; the first batch fixes the schema, later batches must fit it."""
-
-    def __init__(self, stream, results: pa.Schema):
-        self.stream, self.results, self.writer, self.rows = stream, results, None, 0
-
-    def write(self, batch: pa.Table) -> None:
-        import pyarrow.parquet as pq
-
-        if batch.num_rows == 0:
-            return
-        names, records = _rows(batch, self.results, valid_unicode=True)
-        if self.writer is None:
-            arrays = [_infer_column([r.get(n) for r in records]) for n in names]
-            originals = pa.Table.from_arrays(arrays, names=names) if names else pa.table({})
-            self.writer = pq.ParquetWriter(self.stream, pa.unify_schemas([originals.schema, self.results]))
-        schema = self.writer.schema
-        unknown = [n for n in names if n not in schema.names]
-        if unknown:
-            raise DataError(
-                f"column(s) {unknown} first appear after row {self.rows}; Parquet needs one schema "
-                "for the whole file: write JSONL (.jsonl) instead"
-            )
-        originals = [field for field in schema if field.name not in self.results.names]
-        arrays = [self._column(field, [r.get(field.name) for r in records]) for field in originals]
-        arrays += [batch[name].combine_chunks() for name in self.results.names]
-        self.writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
-        self.rows += batch.num_rows
-
-    def _column(self, field: pa.Field, values: list) -> pa.Array:
+    def _generate(self, prompts: list[tuple[str, str | None]]) -> list:
+        """Each prompt's result, or why it failed: a call that raises (a batch out of
+        memory, a prompt the model cannot take) is answered again prompt by prompt, so a
+        failure costs only its own row, as ``should_continue_on_error`` does for vLLM."""
         try:
-            return pa.array(values, field.type)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            if pa.types.is_string(field.type):
-                return _as_text(values)
-            raise DataError(
-                f"column {field.name!r} changes type after row {self.rows} (it was {field.type}); "
-                "write JSONL (.jsonl) instead"
-            ) from None
-
-    def close(self) -> None:
-        import pyarrow.parquet as pq
-
-        if self.writer is None:  # no rows at all: still a valid, empty Parquet file
-            self.writer = pq.ParquetWriter(self.stream, self.results)
-        self.writer.close()
-
-
-def output_format(config: BatchConfig) -> str:
-    if config.output_format:
-        if config.output_format not in ("jsonl", "parquet"):
-            raise ConfigError(f"unknown output format {config.output_format!r}; use jsonl or parquet")
-        return config.output_format
-    suffix = PurePosixPath(config.output).suffix.lower()
-    if suffix not in OUTPUT_FORMATS:
-        raise ConfigError(
-            f"cannot tell the output format from {config.output!r}; end it in .jsonl or .parquet or pass --output-format"
-        )
-    return OUTPUT_FORMATS[suffix]
+            return self.generator.generate(prompts, self.params, batch_size=self.config.batch_size, max_batch_tokens=self.config.max_batch_tokens)
+        except Exception as e:
+            logger.warning("generating %d rows failed (%s: %s); answering them one by one", len(prompts), type(e).__name__, e)
+        results: list = []
+        for prompt in prompts:
+            try:
+                results.append(self.generator.generate([prompt], self.params)[0])
+            except Exception as e:
+                results.append(f"{GENERATION_FAILED}: {type(e).__name__}: {e}")
+        return results
 
 
 # --- the job ----------------------------------------------------------------------
+
+
+def output_format(config: BatchConfig) -> str:
+    return output.output_format(config.output, config.output_format)
 
 
 def check(config: BatchConfig) -> Columns:
     """Fail fast, before Ray starts or a model loads anywhere, on what can be checked here."""
     columns = input_columns(config.columns)
     output_format(config)
-    check_at_least(config, 1, "num_actors", "batch_size", "rows_per_call", "max_batch_tokens")
+    check_at_least(config, 1, "num_actors", "batch_size", "rows_per_call", "max_batch_tokens", "rows_per_part")
     check_at_least(config, 0.01, "num_cpus_per_actor")
     check_at_least(config, 0, "num_gpus_per_actor")
     try:
@@ -283,20 +200,84 @@ def check(config: BatchConfig) -> Columns:
     return columns
 
 
+def defining(config: BatchConfig) -> dict[str, Any]:
+    """What decides an output's rows: the flags not in MAY_CHANGE, local paths made
+    absolute, and the model's and the input's fingerprints (as they read back from JSON)."""
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in MAY_CHANGE}
+    settings.update(
+        job="batch_generate",
+        model=_absolute(config.model),
+        input=_absolute(config.input),
+        output_format=output_format(config),
+        model_fingerprint=storage.fingerprint(config.model, contents=False),  # names, sizes, times: not gigabytes of weights
+        input_fingerprint=storage.fingerprint(config.input),
+    )
+    return json.loads(json.dumps(settings))
+
+
+def _absolute(location: str) -> str:
+    return storage.absolute(location) if storage.is_local_path(location) else location
+
+
+def prepare_output(config: BatchConfig, results: pa.Schema, settings: dict) -> output.Output:
+    """``config.output``, new or resumed with the same ``settings`` (see ``output.prepare``)."""
+    return output.prepare(config.output, output_format(config), results, settings, restart=config.restart, rows_per_part=config.rows_per_part)
+
+
 def run(config: BatchConfig) -> dict[str, Any]:
-    """Generate a response for every input row and write them; return the job's summary."""
-    with answered(config) as dataset, cluster.log_pending("batch generation"):
-        return write(dataset, config.output, output_format(config))
+    """Generate a response for every input row the output does not hold yet and write
+    them; return the job's summary."""
+    columns = check(config)
+    out = prepare_output(config, RESULT_SCHEMA, defining(config))
+    seconds = 0.0
+    if not out.complete:
+        with answered(config, columns, out.done) as dataset, cluster.log_pending("batch generation"):
+            start = time.perf_counter()
+            out.write(dataset, row_figures)
+            seconds = time.perf_counter() - start
+    return summary(out, seconds)
+
+
+def row_figures(batch: pa.Table, first_row: int) -> dict[str, Any]:
+    """What a batch of output rows adds to the summary (``first_row``: its first row's number in the output)."""
+    errors = batch["error"].to_pylist()
+    at = next((i for i, e in enumerate(errors) if e is not None), None)
+    return {
+        "rows": batch.num_rows,
+        "errors": sum(e is not None for e in errors),
+        "stopped": batch["finish_reason"].to_pylist().count("stop"),
+        "truncated": sum(bool(t) for t in batch["truncated"].to_pylist()),
+        "prompt_tokens": sum(n or 0 for n in batch["num_prompt_tokens"].to_pylist()),
+        "generated_tokens": sum(n or 0 for n in batch["num_generated_tokens"].to_pylist()),
+        "first_error": None if at is None else f"row {first_row + at}: {errors[at]}",
+    }
+
+
+def summary(out: output.Output, seconds: float) -> dict[str, Any]:
+    """The counts over every row of the output, how many rows were already there
+    (``rows_reused``) and how many this run answered (``rows_generated``, rows with an
+    error among them); the speed is this run's."""
+    total, new = out.figures(), out.figures(new_only=True)
+    counts = {name: total.get(name, 0) for name in COUNTS}
+    return {
+        **counts,
+        "rows_reused": counts["rows"] - new.get("rows", 0),
+        "rows_generated": new.get("rows", 0),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(new.get("generated_tokens", 0) / seconds, 2) if seconds > 0 else None,
+        "first_error": total.get("first_error"),
+        "output": out.location,
+    }
 
 
 @contextlib.contextmanager
-def answered(config: BatchConfig) -> Iterator[Any]:
-    """Check, start Ray, and yield the lazy Ray Dataset of every input row with its
-    answer: ``__record`` (the row as JSON text) and the RESULT_SCHEMA columns, in input
-    order while the block lasts. ``run`` writes it; the evaluation job scores it."""
+def answered(config: BatchConfig, columns: Columns, done: dict[str, int]) -> Iterator[Any]:
+    """Start Ray and yield the lazy Ray Dataset of every input row not ``done`` (see
+    ``_requests``) with its answer: ``__record`` (the row as JSON text), ``__source`` and
+    ``__row`` (its place in the input) and the RESULT_SCHEMA columns, in input order
+    while the block lasts. ``run`` writes it; the evaluation job scores it."""
     import ray.data
 
-    columns = check(config)
     fmt = output_format(config)
     cluster.init_ray()
     num_gpus = cluster.gpus_per_actor(config.num_gpus_per_actor)
@@ -309,10 +290,10 @@ def answered(config: BatchConfig) -> Iterator[Any]:
 
     context = ray.data.DataContext.get_current()
     preserve_order = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True  # the output file follows the input
+    context.execution_options.preserve_order = True  # the output follows the input
     try:
         # Blocks of rows_per_call rows, so that every actor gets a share of even one file.
-        requests = read_requests(config.input, columns, fmt, config.split).repartition(target_num_rows_per_block=rows_per_call)
+        requests = read_requests(config.input, columns, fmt, config.split, done).repartition(target_num_rows_per_block=rows_per_call)
         if engine == "vllm":
             yield vllm_processor.generate(requests, config, num_gpus, num_cpus)
             return
@@ -332,54 +313,6 @@ def answered(config: BatchConfig) -> Iterator[Any]:
         context.execution_options.preserve_order = preserve_order
 
 
-def write(dataset, output: str, fmt: str, results: pa.Schema = RESULT_SCHEMA) -> dict[str, Any]:
-    """Stream the output blocks into one file (renamed into place once complete) and count.
-    Each row is its record's columns and then the ``results`` columns."""
-    summary = {"rows": 0, "errors": 0, "stopped": 0, "truncated": 0, "prompt_tokens": 0, "generated_tokens": 0}
-    first_error = None
-    filesystem, where = storage.output_filesystem(output)
-    partial = where + ".partial"
-    start = time.perf_counter()
-    try:
-        # closing: a write that fails mid-way must stop the pipeline and free its actors now.
-        with filesystem.open_output_stream(partial) as stream, contextlib.closing(_batches(dataset)) as batches:
-            writer = (_JsonlWriter if fmt == "jsonl" else _ParquetWriter)(stream, results)
-            for batch in batches:
-                batch = _output_columns(batch, results)
-                writer.write(batch)
-                errors = batch["error"].to_pylist()
-                if first_error is None:
-                    at = next((i for i, e in enumerate(errors) if e is not None), None)
-                    if at is not None:
-                        first_error = f"row {summary['rows'] + at + 1}: {errors[at]}"
-                summary["rows"] += batch.num_rows
-                summary["errors"] += sum(e is not None for e in errors)
-                summary["stopped"] += batch["finish_reason"].to_pylist().count("stop")
-                summary["truncated"] += sum(bool(t) for t in batch["truncated"].to_pylist())
-                summary["prompt_tokens"] += sum(n or 0 for n in batch["num_prompt_tokens"].to_pylist())
-                summary["generated_tokens"] += sum(n or 0 for n in batch["num_generated_tokens"].to_pylist())
-            writer.close()
-    except BaseException:
-        filesystem.delete_file(partial)  # no half-written output that looks complete
-        raise
-    filesystem.move(partial, where)
-    seconds = time.perf_counter() - start
-    summary.update(
-        seconds=round(seconds, 3),
-        tokens_per_s=round(summary["generated_tokens"] / seconds, 2) if seconds > 0 else None,
-        first_error=first_error,
-        output=output,
-    )
-    return summary
-
-
-def _output_columns(batch: pa.Table, results: pa.Schema) -> pa.Table:
-    """The record and the result columns in their types (an engine may hand back a column
-    of nulls, or extra columns of its own)."""
-    columns = [batch["__record"]] + [batch[f.name].cast(f.type) for f in results]
-    return pa.Table.from_arrays(columns, names=["__record", *results.names])
-
-
 def actor_request(num_actors: int, num_cpus: float, num_gpus: float) -> cluster.Request:
     """The actors, and a CPU beside them for the read and validation tasks: with every CPU
     held by an actor those never start and the job would wait for ever."""
@@ -391,8 +324,3 @@ def actor_request(num_actors: int, num_cpus: float, num_gpus: float) -> cluster.
         fixes={"CPU": "pass --num-cpus-per-actor {fits} or fewer actors (--num-actors)", "GPU": "pass --num-gpus-per-actor {fits} or fewer actors (--num-actors)"},
         beside=cluster.DATA_CPUS,
     )
-
-
-def _batches(dataset) -> Iterator[pa.Table]:
-    """Output blocks in order, with a DataError raised in a worker re-raised as itself."""
-    return sources.iterate(dataset, batch_size=None, batch_format="pyarrow")
