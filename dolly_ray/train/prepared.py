@@ -98,14 +98,14 @@ class Prepared:
         return {"location": self.location, "key": self.key, "reused": self.reused, "seconds": round(self.seconds, 1)}
 
 
-def settings(config: data.DataConfig, tokenizer) -> dict[str, Any]:
+def settings(config: data.DataConfig, tokenizer, dataset_fingerprint: str) -> dict[str, Any]:
     """What the prepared rows depend on, and so what their key is made of."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return {
         "format_version": FORMAT_VERSION,
         "dataset": config.source,
-        "dataset_fingerprint": storage.fingerprint(config.source),
+        "dataset_fingerprint": dataset_fingerprint,
         "columns": config.columns,
         "split": config.split,
         "tokenizer": hashlib.sha256(f"{type(tokenizer).__name__}\0{vocabulary}".encode()).hexdigest()[:16],
@@ -119,17 +119,21 @@ def settings(config: data.DataConfig, tokenizer) -> dict[str, Any]:
     }
 
 
-def prepare(config: data.DataConfig, tokenizer_name: str, storage_path: str, *, trust_remote_code: bool = False, records=None) -> Prepared:
+def prepare(
+    config: data.DataConfig, tokenizer_name: str, storage_path: str, *, trust_remote_code: bool = False, records=None, dataset_fingerprint: str | None = None
+) -> Prepared:
     """The prepared rows for ``config``: reused when ``storage_path`` already holds them,
     made (and kept) otherwise. The validation report is logged either way, and strict
     mode's first bad record, or no usable record at all, raises DataError.
 
     ``records``: a Ray Dataset in the record schema, instead of reading ``config.source``.
+    ``dataset_fingerprint``: ``storage.fingerprint(config.source)`` when the caller has it
+    already (hashing a large local file twice would double its cost at start).
     """
     if records is None and storage.missing_local(config.source):
         raise DataError(f"cannot read {config.source}: no such file or directory")
     tokenizer = prompts.load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code)
-    wanted = settings(config, tokenizer)
+    wanted = settings(config, tokenizer, dataset_fingerprint or storage.fingerprint(config.source))
     key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
     location = storage.join(storage_path, PREPARED_DIR, key)
     start = time.perf_counter()
@@ -212,26 +216,26 @@ def prepare_window(batch: pa.Table, *, parts_dir: str, tokenizer: str, trust_rem
     training and eval rows packed (with ``pack``), each split written as one part; the
     result is the window's one-row account (parts, rows, tokens, skips, lengths)."""
     tokenized = data.tokenize_batch(batch, tokenizer=tokenizer, max_length=max_length, seed=seed, eval_fraction=eval_fraction, trust_remote_code=trust_remote_code)
-    usable = pc.equal(tokenized["skip_reason"], "")
-    is_eval = tokenized["is_eval"]
+    usable = tokenized.filter(pc.equal(tokenized["skip_reason"], ""))
+    train, held_out = usable.filter(pc.invert(usable["is_eval"])), usable.filter(usable["is_eval"])
     account: dict[str, Any] = {
         "records": tokenized.num_rows,
-        "train_records": pc.sum(pc.and_(usable, pc.invert(is_eval))).as_py() or 0,
-        "eval_records": pc.sum(pc.and_(usable, is_eval)).as_py() or 0,
+        "train_records": train.num_rows,
+        "eval_records": held_out.num_rows,
         "skips": json.dumps(data.window_skips(tokenized)),
     }
     name = uuid.uuid4().hex  # a retried task writes new files; only the manifest's are read
     for split, rows in (
-        ("train", _training_rows(tokenized.filter(pc.and_(usable, pc.invert(is_eval))), pack, max_length, seed)),
-        ("eval", _training_rows(tokenized.filter(pc.and_(usable, is_eval)), pack, max_length, seed)),
-        ("heldout", tokenized.filter(pc.and_(usable, is_eval)).select(list(data.EVAL_TEXT_COLUMNS))),
+        ("train", _training_rows(train, pack, max_length, seed)),
+        ("eval", _training_rows(held_out, pack, max_length, seed)),
+        ("heldout", held_out.select(list(data.EVAL_TEXT_COLUMNS))),
     ):
         path = f"{name}-{split}.parquet"
         if rows.num_rows:
             _write(rows, storage.join(parts_dir, path))
         tokens = int(pc.sum(rows["num_tokens"]).as_py() or 0) if "num_tokens" in rows.column_names else 0
         account.update({f"{split}_part": path, f"{split}_rows": rows.num_rows, f"{split}_tokens": tokens})
-    lengths, counts = np.unique(tokenized.filter(usable)["num_tokens"].to_numpy(), return_counts=True)
+    lengths, counts = np.unique(usable["num_tokens"].to_numpy(), return_counts=True)
     account.update({"length_values": lengths.tolist(), "length_counts": counts.tolist()})
     return pa.Table.from_pylist([account])
 

@@ -61,8 +61,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         return dry_run(settled, memory)
     settle.refuse_unfit(config, settled, memory)
     config = settled
-    run_settings.check_rerun(config)
-    data = prepare_data(config)
+    settings = run_settings.check_rerun(config)
+    data = prepare_data(config, settings["dataset_fingerprint"])
     plan = plan_steps(config, data.rows("train"), data.rows("eval"))
     logger.info("plan: %s optimizer steps, %s micro-batches per epoch per worker", plan.total_steps, plan.micro_batches_per_epoch)
     answered = data.heldout(config.eval_generate)
@@ -85,11 +85,13 @@ def dry_run(config: TrainConfig, memory: memory_plan.MemoryPlan | None) -> dict[
     return {"dry_run": True, **memory.as_dict()}
 
 
-def prepare_data(config: TrainConfig) -> prepared.Prepared:
+def prepare_data(config: TrainConfig, dataset_fingerprint: str | None = None) -> prepared.Prepared:
     """The training and eval rows as workers will batch them (packed for ``--batching
     pack``, so the plan counts the rows workers get): prepared once under the storage
     path, reused by every later run of the same data and settings."""
-    return prepared.prepare(config.data_config, config.model, config.storage_path, trust_remote_code=config.trust_remote_code)
+    return prepared.prepare(
+        config.data_config, config.model, config.storage_path, trust_remote_code=config.trust_remote_code, dataset_fingerprint=dataset_fingerprint
+    )
 
 
 def make_trainer(config: TrainConfig, plan: StepPlan, data: prepared.Prepared, answered: list[dict]) -> TorchTrainer:

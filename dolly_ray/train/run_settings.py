@@ -45,10 +45,11 @@ def defining(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(settings))  # as it reads back from the file
 
 
-def check_rerun(config: TrainConfig) -> None:
+def check_rerun(config: TrainConfig) -> dict[str, Any]:
     """Before anything is reserved: a run folder with a checkpoint must hold the same
     defining settings (``--restart`` deletes it first, to train afresh); otherwise they
-    are written there, so the next attempt can be checked."""
+    are written there, so the next attempt can be checked. Returns them (the dataset's
+    fingerprint among them, which preparing the data takes rather than hashing again)."""
     run_dir = storage.join(config.storage_path, config.name)
     if config.restart:
         logger.info("--restart: deleting run %s", run_dir)
@@ -65,6 +66,7 @@ def check_rerun(config: TrainConfig) -> None:
         filesystem, where = storage.output_filesystem(storage.join(run_dir, SETTINGS_FILE))
         with filesystem.open_output_stream(where) as f:
             f.write(json.dumps(settings, indent=1, sort_keys=True).encode())
+    return settings
 
 
 def _read(run_dir: str) -> dict | None:
